@@ -1,0 +1,47 @@
+"""What every command shares: the console, logging set-up and turning library errors into one line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+from catdog_glm.errors import CatdogError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler],
+                        format="%(message)s", force=True)
+    for noisy in ("swanlab", "PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def user_errors(fn):
+    """Print a CatdogError as `Error: ...` (one line, no traceback) and exit 1; Ctrl-C exits 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        setup_logging(kwargs.get("verbose", False))
+        try:
+            return fn(*args, **kwargs)
+        except CatdogError as e:
+            raise fail(str(e)) from None
+        except KeyboardInterrupt:
+            err_console.print("Interrupted.")
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,172 @@
+"""`catdog train`: options -> TrainConfig -> vision.trainer.train -> progress bars and a summary table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from catdog_glm.cli._common import console, user_errors
+from catdog_glm.config import TrainConfig
+
+D = TrainConfig()  # the defaults, shown in --help
+
+
+class RichTrainCallbacks:
+    """Draws one progress bar per epoch with loss, images/s and ETA."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=not enabled,
+        )
+        self.task = None
+        self.images = 0
+        self.loss_avg = math.nan
+
+    def on_start(self, info: dict) -> None:
+        resumed = f", resuming at epoch {info['start_epoch'] + 1}" if info["start_epoch"] else ""
+        console.print(
+            f"[bold]{info['arch']}[/] on {info['data']} ({info['layout']}): {info['train_images']} train / "
+            f"{info['val_images']} val images, classes {', '.join(info['classes'])}\n"
+            f"device {info['device']} · precision {info['precision']} · channels_last {info['channels_last']} · "
+            f"cache {info['cache']} · workers {info['workers']} · weights {info['pretrained']}"
+            + (f" · {info['world_size']} processes" if info["world_size"] > 1 else "") + resumed,
+            highlight=False,
+        )
+        self.progress.start()
+
+    def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        import time
+
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.images, self.loss_avg, self.started = 0, math.nan, time.perf_counter()
+        self.label = f"epoch {epoch + 1}/{epochs}"
+        self.task = self.progress.add_task(self.label, total=steps, loss="-", speed="-")
+
+    def on_step(self, loss: float, images: int) -> None:
+        import time
+
+        self.images += images
+        if not math.isnan(loss):
+            self.loss_avg = loss if math.isnan(self.loss_avg) else 0.9 * self.loss_avg + 0.1 * loss
+        speed = self.images / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, advance=1, loss=f"{self.loss_avg:.4f}", speed=f"{speed:.1f}")
+
+    def on_validate_start(self, n_images: int) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, description=f"{self.label} · validating")
+
+    def on_validate_batch(self, images: int) -> None: ...
+
+    def on_epoch_end(self, row: dict) -> None:
+        self.progress.console.print(
+            f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} · val_loss {row['val_loss']:.4f} · "
+            f"val_acc {row['val_acc']:.2%} · {row['images_per_s']:.1f} img/s · {row['epoch_seconds']:.0f}s",
+            highlight=False,
+        )
+
+    def on_message(self, message: str) -> None:
+        self.progress.console.print(f"[yellow]{message}[/]", highlight=False)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _summary(result) -> Table:
+    table = Table(title="Training summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("epochs", f"{result.epochs_run}" + (" (early stop)" if result.stopped_early else ""))
+    table.add_row("best val accuracy", f"{result.best_acc:.2%} (epoch {result.best_epoch})")
+    table.add_row("test_acc / test_loss", f"{result.test_acc:.2%} / {result.test_loss:.4f}")
+    table.add_row("training speed", f"{result.images_per_s:.1f} images/s (median epoch)")
+    table.add_row("wall time", f"{result.seconds:.0f} s")
+    table.add_row("checkpoints", f"{result.best_path}\n{result.last_path}")
+    table.add_row("run files", f"{result.output}/args.yaml, results.csv, results.png, confusion_matrix.png")
+    if result.corrupt_files:
+        table.add_row("skipped files", f"{len(result.corrupt_files)} unreadable (listed above)")
+    return table
+
+
+@user_errors
+def train(
+    data: Annotated[str, typer.Option(help="Dataset root: ImageFolder (train/ val/ or <class>/), "
+                                           "train.csv + val.csv, or Kaggle-style cat.1.jpg files.")] = D.data,
+    epochs: Annotated[int, typer.Option(help="Number of epochs.")] = D.epochs,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = D.batch_size,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = D.lr,
+    image_size: Annotated[int, typer.Option(help="Images are resized to SIZE x SIZE.")] = D.image_size,
+    arch: Annotated[str, typer.Option(help="Any torchvision classifier: resnet50, resnet18, ...")] = D.arch,
+    pretrained: Annotated[str, typer.Option(help="Start weights: imagenet (torch hub cache), none, or a "
+                                                 "weights file PATH.")] = D.pretrained,
+    output: Annotated[Path, typer.Option(help="Folder for best.pt, last.pt, results and the SwanLab log.")]
+    = Path(D.output),
+    tracker: Annotated[str, typer.Option(help="Experiment tracker: swanlab or none.")] = D.tracker,
+    swanlab_mode: Annotated[str, typer.Option(help="SwanLab mode: local (offline dashboard), offline, "
+                                                   "online or disabled.")] = D.swanlab_mode,
+    project: Annotated[str, typer.Option(help="SwanLab project name.")] = D.project,
+    experiment: Annotated[str, typer.Option(help="SwanLab experiment name (default: arch and time).")] = "",
+    description: Annotated[str, typer.Option(help="SwanLab experiment description.")] = "",
+    device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")] = D.device,
+    seed: Annotated[int, typer.Option(help="Random seed (data split, order, init).")] = D.seed,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from last.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over even if --output holds a run.")]
+    = False,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val split.")]
+    = D.val_split,
+    train_limit: Annotated[int, typer.Option(help="Use a class-balanced subset of N training images "
+                                                  "(0 = all).")] = 0,
+    val_limit: Annotated[int, typer.Option(help="Use a subset of N validation images (0 = all).")] = 0,
+    cache: Annotated[str, typer.Option(help="auto (RAM when it fits), ram or none: keep decoded, resized "
+                                            "images in memory after first use.")] = D.cache,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = auto).")] = D.workers,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop and flip.")]
+    = D.augment,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision: bf16 on CPUs that support it, "
+                                                              "AMP on CUDA.")] = D.amp,
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last",
+                                                help="channels_last memory format (faster convolutions).")]
+    = D.channels_last,
+    schedule: Annotated[str, typer.Option(help="Learning-rate schedule: cosine or constant (the book).")]
+    = D.schedule,
+    patience: Annotated[int, typer.Option(help="Early stopping after N epochs without a better val "
+                                               "accuracy (0 = off).")] = D.patience,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
+) -> None:
+    """Fine-tune a classifier (default: the book's ResNet50 recipe) and track the run in SwanLab.
+
+    Example: catdog train --data ../shared/data/catdog --epochs 1 --arch resnet18 --image-size 128 --pretrained none
+    """
+    from catdog_glm.vision.trainer import train as run_training
+
+    cfg = TrainConfig(
+        data=data, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, arch=arch,
+        pretrained=pretrained, output=str(output), tracker=tracker, swanlab_mode=swanlab_mode, project=project,
+        experiment=experiment, description=description, device=device, seed=seed, resume=resume,
+        overwrite=overwrite, val_split=val_split, train_limit=train_limit, val_limit=val_limit, cache=cache,
+        workers=workers, augment=augment, amp=amp, channels_last=channels_last, schedule=schedule,
+        patience=patience, progress=progress,
+    )
+    callbacks = RichTrainCallbacks(enabled=progress)
+    try:
+        result = run_training(cfg, callbacks)
+    finally:
+        callbacks.stop()
+    if result is None:  # a non-zero torchrun rank
+        return
+    for line in result.corrupt_files:
+        console.print(f"[yellow]skipped:[/] {line}", highlight=False)
+    console.print(_summary(result))
+    if result.swanlab_logdir:
+        console.print(f"SwanLab log: {result.swanlab_logdir}\nView it offline: "
+                      f"[bold]swanlab watch {result.swanlab_logdir}[/]", highlight=False)

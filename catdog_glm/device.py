@@ -1,0 +1,95 @@
+"""The one place that probes hardware: which device to use and which precision it runs fast in."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from catdog_glm.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Turn `auto|cpu|cuda|mps` into a torch.device: auto picks cuda, then mps, then cpu."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
+        raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps was asked for but MPS is not available; use --device auto or cpu")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 math (AVX512-BF16 or AMX), where bf16 autocast is a real speed-up.
+
+    Without native support oneDNN emulates bf16 and autocast makes training slower, not faster.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+        return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+    except OSError:
+        pass
+    import torch
+
+    # Other platforms (macOS, Windows): ask oneDNN.
+    return bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()) and bool(
+        getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    )
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How to run a model on a device: the autocast dtype (None = plain fp32) and whether a GradScaler is needed."""
+
+    autocast_dtype: torch.dtype | None
+    use_grad_scaler: bool
+
+    @property
+    def name(self) -> str:
+        return "fp32" if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", "")
+
+
+def resolve_precision(device: torch.device, amp: bool = True) -> Precision:
+    """Pick mixed precision for a device: bf16 on CPUs with native bf16, bf16/fp16 AMP on CUDA, else fp32."""
+    import torch
+
+    if not amp:
+        return Precision(None, False)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, False)
+        return Precision(torch.float16, True)
+    if device.type == "cpu" and cpu_supports_bf16():
+        return Precision(torch.bfloat16, False)
+    return Precision(None, False)
+
+
+def autocast(device: torch.device, precision: Precision):
+    """A context manager that applies `precision` on `device` (a no-op for fp32)."""
+    import contextlib
+
+    import torch
+
+    if precision.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision.autocast_dtype)

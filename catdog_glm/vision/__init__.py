@@ -1,0 +1,1 @@
+"""The image-classification half: data, preprocessing, model, checkpoints, training and evaluation."""

@@ -1,0 +1,233 @@
+"""The classifier checkpoint format: self-describing, atomically written, loaded without running code.
+
+A checkpoint is one `torch.save` file holding only tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)`: architecture, class names, image size, mean/std, training config, metrics and
+library versions travel with the weights, and eval/predict/serve need nothing but its path. The book's bare
+`state_dict` files (`latest_checkpoint.pth`) load too, with the architecture inferred from their keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catdog_glm.errors import CheckpointError
+from catdog_glm.vision.transforms import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+FORMAT = "catdog-classifier"
+FORMAT_VERSION = 1
+BEST_NAME, LAST_NAME = "best.pt", "last.pt"
+# The book trains on ImageFolder('cat', 'dog'): label 0 is cat, 1 is dog.
+BOOK_CLASSES = ["cat", "dog"]
+_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "model_state")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class ClassifierCheckpoint:
+    arch: str
+    classes: list[str]
+    model_state: dict
+    image_size: int = DEFAULT_IMAGE_SIZE
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    epoch: int = 0
+    source: str = "catdog"  # or "bare-state-dict"
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+def library_versions() -> dict[str, str]:
+    import platform
+
+    import torch
+    import torchvision
+
+    from catdog_glm import __version__
+
+    # str(): torch.__version__ is a TorchVersion object, which weights_only loading rightly refuses.
+    return {"catdog_glm": __version__, "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
+    cleaned = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        cleaned[key] = value
+    return cleaned
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
+
+    A crash or SIGKILL at any moment leaves either the old file or the new one, never half of one.
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is an ordinary file
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, *, arch: str, classes: list[str], model_state: dict, image_size: int,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, config: dict | None = None,
+                    metrics: dict | None = None, epoch: int = 0, training_state: dict | None = None) -> None:
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "image_size": int(image_size),
+        "mean": list(mean),
+        "std": list(std),
+        "config": config or {},
+        "metrics": metrics or {},
+        "epoch": int(epoch),
+        "versions": library_versions(),
+        "model": clean_state_dict(model_state),
+    }
+    if training_state:
+        payload["training_state"] = training_state
+    save_atomic(payload, path)
+
+
+def _torch_load(path: Path) -> Any:
+    import torch
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"refused to load {path}: it holds Python objects{what}, not just tensors, and loading them could "
+            "run code; re-save it as a plain state_dict from a trusted environment"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from e
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict:
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        import torch
+
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return clean_state_dict(obj)
+    raise CheckpointError(f"{path} holds no model state_dict")
+
+
+def read_state_dict(path: Path) -> dict:
+    """Model weights from any supported file: a catdog checkpoint, a bare state_dict or a common wrapper."""
+    return _unwrap_state_dict(_torch_load(Path(path)), Path(path))
+
+
+_RESNET_DEPTHS = {  # (blocks per stage, bottleneck) -> torchvision name
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+    ((3, 8, 36, 3), True): "resnet152",
+}
+
+
+def infer_resnet_arch(state: dict) -> str | None:
+    """Recognise a torchvision ResNet from its state_dict keys (block counts per stage, bottleneck or not)."""
+    blocks = []
+    for stage in range(1, 5):
+        ids = {int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        blocks.append(len(ids))
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    return _RESNET_DEPTHS.get((tuple(blocks), bottleneck))
+
+
+def load_checkpoint(path: str | Path) -> ClassifierCheckpoint:
+    """Load a catdog checkpoint or a bare torchvision-ResNet state_dict (the book's latest_checkpoint.pth)."""
+    path = Path(path).expanduser()
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if int(obj.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(f"{path} was written by a newer catdog-glm (format "
+                                  f"{obj['format_version']}); upgrade catdog-glm to read it")
+        return ClassifierCheckpoint(
+            arch=obj["arch"], classes=list(obj["classes"]), model_state=obj["model"],
+            image_size=int(obj.get("image_size", DEFAULT_IMAGE_SIZE)),
+            mean=tuple(obj.get("mean", IMAGENET_MEAN)), std=tuple(obj.get("std", IMAGENET_STD)),
+            config=obj.get("config", {}), metrics=obj.get("metrics", {}), epoch=int(obj.get("epoch", 0)),
+            source="catdog", raw=obj,
+        )
+    state = _unwrap_state_dict(obj, path)
+    arch = infer_resnet_arch(state)
+    head = state.get("fc.weight")
+    if arch is None or head is None:
+        raise CheckpointError(f"{path} is a state_dict but not of a torchvision ResNet this tool can recognise; "
+                              "train with `catdog train` to get a self-describing checkpoint")
+    n = head.shape[0]
+    classes = BOOK_CLASSES if n == 2 else [f"class_{i}" for i in range(n)]
+    log.info("%s: bare state_dict, inferred %s with classes %s", path, arch, classes)
+    return ClassifierCheckpoint(arch=arch, classes=classes, model_state=state, source="bare-state-dict")
+
+
+def build_model_from_checkpoint(ckpt: ClassifierCheckpoint):
+    """The checkpoint's model with its weights loaded, in eval mode, on the CPU."""
+    from catdog_glm.vision.model import build_model
+
+    model = build_model(ckpt.arch, len(ckpt.classes))
+    try:
+        model.load_state_dict(ckpt.model_state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit {ckpt.arch} with {len(ckpt.classes)} classes: "
+                              f"{str(e).splitlines()[0]}") from e
+    return model.eval()
+
+
+def find_checkpoint(folder: str | Path, which: str = BEST_NAME) -> Path:
+    """`folder/best.pt` (or the named file); accepts a file path as is."""
+    folder = Path(folder).expanduser()
+    if folder.is_file():
+        return folder
+    for name in (which, LAST_NAME, "latest_checkpoint.pth"):
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"no checkpoint found in {folder}; train one with `catdog train` or pass --checkpoint")

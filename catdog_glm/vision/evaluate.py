@@ -1,0 +1,124 @@
+"""Running a classifier over a loader and turning its predictions into metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from catdog_glm.device import Precision, autocast
+from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class EvalResult:
+    loss_sum: float
+    confusion: torch.Tensor  # [true, predicted] counts
+    classes: list[str]
+
+    @property
+    def n(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.confusion.diag().sum()) / max(self.n, 1)
+
+    def per_class(self) -> dict[str, dict[str, float]]:
+        cm = self.confusion.double()
+        out = {}
+        for i, name in enumerate(self.classes):
+            tp = float(cm[i, i])
+            predicted, actual = float(cm[:, i].sum()), float(cm[i, :].sum())
+            precision = tp / predicted if predicted else 0.0
+            recall = tp / actual if actual else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(actual)}
+        return out
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n, "classes": self.classes,
+                "per_class": self.per_class(), "confusion_matrix": self.confusion.tolist()}
+
+
+def run_model(model, batch_uint8, device, precision: Precision, channels_last: bool,
+              mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Normalize a uint8 batch on `device` and return float32 logits (the one forward used everywhere)."""
+    import torch
+
+    x = normalize_batch(batch_uint8.to(device, non_blocking=True), mean, std)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, precision):
+        return model(x).float()
+
+
+def evaluate(model, loader, *, classes: list[str], device, precision: Precision, channels_last: bool = True,
+             mean=IMAGENET_MEAN, std=IMAGENET_STD, on_batch=None, keep_predictions: bool = False):
+    """Loss and confusion matrix of `model` over `loader`; optionally the (index, probabilities) of each sample."""
+    import torch
+    import torch.nn.functional as F
+
+    k = len(classes)
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    loss_sum = 0.0
+    predictions: list[tuple[int, torch.Tensor]] = []
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            if batch is None:
+                continue
+            images, labels, indices = batch
+            logits = run_model(model, images, device, precision, channels_last, mean, std).cpu()
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            predicted = logits.argmax(1)
+            confusion += torch.bincount(labels * k + predicted, minlength=k * k).view(k, k)
+            if keep_predictions:
+                probs = logits.softmax(1)
+                predictions += list(zip(indices.tolist(), probs))
+            if on_batch:
+                on_batch(len(labels))
+    model.train(was_training)
+    result = EvalResult(loss_sum=loss_sum, confusion=confusion, classes=list(classes))
+    return (result, predictions) if keep_predictions else result
+
+
+def evaluate_checkpoint(checkpoint_path, data, *, split: str = "val", batch_size: int = 32, device: str = "auto",
+                        amp: bool = True, workers: int = 0, val_split: float = 0.2, seed: int = 42,
+                        limit: int = 0, on_start=None, on_batch=None):
+    """Evaluate a checkpoint on one split of a dataset; dataset classes are matched to the checkpoint by name."""
+    import torch
+
+    from catdog_glm.device import resolve_device, resolve_precision
+    from catdog_glm.errors import DataError
+    from catdog_glm.vision.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from catdog_glm.vision.data import Sample, discover, subsample
+    from catdog_glm.vision.loader import ImageDataset, build_loader
+
+    ckpt = load_checkpoint(checkpoint_path)
+    dataset = discover(data, val_split=val_split, seed=seed)
+    unknown = [c for c in dataset.classes if c not in ckpt.classes]
+    if unknown:
+        raise DataError(f"{data} has classes {unknown} that the checkpoint does not know "
+                        f"(it was trained on {ckpt.classes})")
+    to_ckpt = {i: ckpt.classes.index(c) for i, c in enumerate(dataset.classes)}
+    samples = [Sample(s.path, to_ckpt[s.label]) for s in subsample(dataset.split(split), limit, seed)]
+    if not samples:
+        raise DataError(f"the {split!r} split of {data} is empty")
+    dev = resolve_device(device)
+    precision = resolve_precision(dev, amp)
+    model = build_model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)
+    ds = ImageDataset(samples, ckpt.image_size)
+    loader = build_loader(ds, batch_size=batch_size, shuffle=False, workers=workers)
+    if on_start:
+        on_start(len(samples))
+    result = evaluate(model, loader, classes=ckpt.classes, device=dev, precision=precision,
+                      mean=ckpt.mean, std=ckpt.std, on_batch=on_batch)
+    return result, ckpt, ds.corrupt_files()
