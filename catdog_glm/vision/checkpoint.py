@@ -135,11 +135,11 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
+        found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", str(e))
+        detail = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"refused to load {path}: it holds Python objects{what}, not just tensors, and loading them could "
-            "run code; re-save it as a plain state_dict from a trusted environment"
+            f"refused to load {path}: it is not a plain weights file{detail}; arbitrary pickles can run code, so "
+            "only tensors and plain values are accepted (re-save it as a state_dict from a trusted environment)"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from e

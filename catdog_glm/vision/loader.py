@@ -44,7 +44,10 @@ def cache_fits(n_images: int, image_size: int, fraction: float = 0.5) -> bool:
 
 
 class ImageDataset:
-    """Yields (uint8 CHW image, label, index) or None for a file that cannot be decoded."""
+    """Yields (uint8 CHW image, label, index), or None for a file that cannot be decoded.
+
+    With `substitute_corrupt` (training) an unreadable file is replaced by the next readable sample instead.
+    """
 
     def __init__(
         self,
@@ -54,11 +57,13 @@ class ImageDataset:
         cache: bool = False,
         augment: Callable | None = None,
         seed: int = 0,
+        substitute_corrupt: bool = False,
     ):
         import torch
 
         self.samples = samples
         self.seed = seed
+        self.substitute_corrupt = substitute_corrupt
         # Shared so persistent worker processes see the epoch the main process is in.
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.image_size = image_size
@@ -101,6 +106,15 @@ class ImageDataset:
         import torch
 
         image = self.load(i)
+        if image is None and self.substitute_corrupt:
+            # Stand in the next readable sample so every batch keeps its size: a batch of one breaks
+            # BatchNorm, and ranks with different step counts would deadlock DistributedDataParallel.
+            for step in range(1, len(self.samples)):
+                j = (i + step) % len(self.samples)
+                image = self.load(j)
+                if image is not None:
+                    i = j
+                    break
         if image is None:
             return None
         if self.augment is not None:
@@ -131,7 +145,7 @@ def collate_skipping_corrupt(items):
 
 
 def build_loader(dataset, *, batch_size: int, shuffle: bool, workers: int, sampler=None, generator=None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, drop_last: bool = False):
     from torch.utils.data import DataLoader
 
     return DataLoader(
@@ -144,4 +158,5 @@ def build_loader(dataset, *, batch_size: int, shuffle: bool, workers: int, sampl
         persistent_workers=workers > 0,
         generator=generator,
         pin_memory=pin_memory,
+        drop_last=drop_last,
     )

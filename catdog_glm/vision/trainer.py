@@ -182,7 +182,8 @@ class _Run:
             self.cb.on_message(f"RAM cache {note}; training without it")
         self.cache_note = note
         augment = build_augment(cfg.image_size) if cfg.augment else None
-        self.train_ds = ImageDataset(train, cfg.image_size, cache=use_cache, augment=augment, seed=cfg.seed)
+        self.train_ds = ImageDataset(train, cfg.image_size, cache=use_cache, augment=augment, seed=cfg.seed,
+                                     substitute_corrupt=True)
         self.val_ds = ImageDataset(val, cfg.image_size, cache=use_cache)
         self.workers = _resolve_workers(cfg.workers, self.device)
 
@@ -192,8 +193,11 @@ class _Run:
         self.sampler = DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank,
                                           shuffle=True, seed=cfg.seed)
         pin = self.device.type == "cuda"
+        # A last batch of one image would break BatchNorm in training mode: drop it (it is reshuffled in later).
+        lone_last = len(self.sampler) % cfg.batch_size == 1
         self.train_loader = build_loader(self.train_ds, batch_size=cfg.batch_size, shuffle=False,
-                                         workers=self.workers, sampler=self.sampler, pin_memory=pin)
+                                         workers=self.workers, sampler=self.sampler, pin_memory=pin,
+                                         drop_last=lone_last)
         # Each rank validates a disjoint strided shard; the confusion matrices are summed.
         val_part = Subset(self.val_ds, range(self.dist.rank, len(self.val_ds), self.dist.world))
         self.val_loader = build_loader(val_part, batch_size=max(cfg.batch_size, 32), shuffle=False,

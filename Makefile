@@ -1,0 +1,44 @@
+# The README's commands. Each target installs what it needs first (`make install` is idempotent).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+CATDOG  := $(VENV)/bin/catdog
+STAMP   := $(VENV)/.installed
+SHARED_DATA ?= ../shared/data/catdog
+DEMO_OUT    ?= checkpoint/demo
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# A short end-to-end run: real photos when ../shared/data/catdog is there, else a small drawn dataset.
+demo: install
+	@set -e; \
+	if [ -d "$(SHARED_DATA)/train" ]; then data="$(SHARED_DATA)"; limits="--train-limit 240 --val-limit 100"; \
+	else data="data/demo-synthetic"; limits=""; [ -d "$$data" ] || $(CATDOG) data synth "$$data"; fi; \
+	echo "== catdog train on $$data"; \
+	$(CATDOG) train --data "$$data" --epochs 2 --arch resnet18 --image-size 128 --pretrained none \
+		--output $(DEMO_OUT) --overwrite $$limits; \
+	echo "== catdog eval"; \
+	$(CATDOG) eval --checkpoint $(DEMO_OUT)/best.pt --data "$$data" --plot $(DEMO_OUT)/eval_confusion_matrix.png
+
+lint: install
+	$(VENV)/bin/ruff check catdog_glm tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format catdog_glm tests benchmarks
+	$(VENV)/bin/ruff check --fix catdog_glm tests benchmarks
+
+test: install lint
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(DEMO_OUT) data/demo-synthetic

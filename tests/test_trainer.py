@@ -1,0 +1,84 @@
+"""The training loop on tiny drawn data: run files, corrupt files skipped, resume equals an unbroken run."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+
+from catdog_glm.config import TrainConfig
+from catdog_glm.errors import ConfigError
+from catdog_glm.vision.checkpoint import load_checkpoint
+from catdog_glm.vision.trainer import TrainCallbacks, train
+
+
+def _cfg(data, output, **overrides) -> TrainConfig:
+    values = dict(data=str(data), output=str(output), arch="resnet18", pretrained="none", epochs=2,
+                  image_size=32, batch_size=8, tracker="none", workers=0, progress=False, patience=0, seed=3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return [{k: r[k] for k in ("epoch", "train_loss", "val_loss", "val_acc")} for r in csv.DictReader(f)]
+
+
+def test_a_run_leaves_checkpoints_config_results_and_pictures(synthetic_data, tmp_path):
+    result = train(_cfg(synthetic_data, tmp_path / "run"))
+    out = tmp_path / "run"
+    for name in ("best.pt", "last.pt", "args.yaml", "results.csv", "results.png", "confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    assert len(_rows(out / "results.csv")) == 2 == result.epochs_run
+    best = load_checkpoint(out / "best.pt")
+    assert best.classes == ["cat", "dog"] and best.arch == "resnet18" and best.image_size == 32
+    assert best.config["epochs"] == 2 and "val_acc" in best.metrics
+    assert 0 <= result.test_acc <= 1 and result.images_per_s > 0
+    assert "training_state" in load_checkpoint(out / "last.pt").raw
+    assert "training_state" not in best.raw  # best.pt stays small: weights and metadata only
+
+
+def test_corrupt_files_are_skipped_and_listed(synthetic_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    (data / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (data / "val" / "dog" / "empty.jpg").write_bytes(b"")
+    result = train(_cfg(data, tmp_path / "run", epochs=1))
+    assert len(result.corrupt_files) == 2
+    assert any("broken.jpg" in line for line in result.corrupt_files)
+    assert any("empty.jpg" in line and "empty file" in line for line in result.corrupt_files)
+
+
+class _InterruptAfterFirstEpoch(TrainCallbacks):
+    def on_epoch_end(self, row):
+        raise KeyboardInterrupt  # Ctrl-C right after epoch 1 was saved
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(synthetic_data, tmp_path):
+    train(_cfg(synthetic_data, tmp_path / "whole", epochs=3, augment=True))
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(synthetic_data, tmp_path / "split", epochs=3, augment=True), _InterruptAfterFirstEpoch())
+    assert len(_rows(tmp_path / "split" / "results.csv")) == 1
+    train(_cfg(synthetic_data, tmp_path / "split", epochs=3, augment=True, resume=True))
+    assert _rows(tmp_path / "split" / "results.csv") == _rows(tmp_path / "whole" / "results.csv")
+
+
+def test_existing_run_is_not_overwritten_by_accident(synthetic_data, tmp_path):
+    train(_cfg(synthetic_data, tmp_path / "run", epochs=1))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_cfg(synthetic_data, tmp_path / "run", epochs=1))
+    with pytest.raises(ConfigError, match="no .* to continue from"):
+        train(_cfg(synthetic_data, tmp_path / "other", epochs=1, resume=True))
+
+
+def test_early_stopping(synthetic_data, tmp_path):
+    result = train(_cfg(synthetic_data, tmp_path / "run", epochs=6, patience=1, lr=1e-9))
+    assert result.stopped_early and result.epochs_run < 6
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=-1.0), dict(cache="disk"),
+                                 dict(image_size=8), dict(tracker="wandb")])
+def test_bad_options_are_refused_before_any_work(tmp_path, bad):
+    with pytest.raises(ConfigError):
+        train(_cfg(tmp_path, tmp_path / "run", **bad))
