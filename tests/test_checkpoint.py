@@ -23,8 +23,16 @@ def _resnet18_state(num_classes=2):
 def test_round_trip_is_self_describing(tmp_path):
     _, state = _resnet18_state(3)
     path = tmp_path / "best.pt"
-    ck.save_checkpoint(path, arch="resnet18", classes=["a", "b", "c"], model_state=state, image_size=96,
-                       config={"lr": 0.1}, metrics={"val_acc": 0.5}, epoch=4)
+    ck.save_checkpoint(
+        path,
+        arch="resnet18",
+        classes=["a", "b", "c"],
+        model_state=state,
+        image_size=96,
+        config={"lr": 0.1},
+        metrics={"val_acc": 0.5},
+        epoch=4,
+    )
     loaded = ck.load_checkpoint(path)
     assert (loaded.arch, loaded.classes, loaded.image_size, loaded.epoch) == ("resnet18", ["a", "b", "c"], 96, 4)
     assert loaded.metrics == {"val_acc": 0.5} and loaded.config == {"lr": 0.1}

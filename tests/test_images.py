@@ -27,8 +27,16 @@ def test_exif_orientation_is_honoured(tmp_path):
 
 @pytest.mark.parametrize(
     ("mode", "color"),
-    [("L", 128), ("P", 3), ("RGBA", (255, 0, 0, 255)), ("LA", (100, 255)), ("CMYK", (0, 255, 255, 0)),
-     ("I;16", 65535), ("1", 1), ("YCbCr", (120, 100, 140))],
+    [
+        ("L", 128),
+        ("P", 3),
+        ("RGBA", (255, 0, 0, 255)),
+        ("LA", (100, 255)),
+        ("CMYK", (0, 255, 255, 0)),
+        ("I;16", 65535),
+        ("1", 1),
+        ("YCbCr", (120, 100, 140)),
+    ],
 )
 def test_every_mode_becomes_rgb(mode, color):
     assert to_rgb(Image.new(mode, (8, 8), color)).mode == "RGB"
@@ -77,8 +85,11 @@ def test_webp(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "content", "reason"),
-    [("empty.jpg", b"", "empty file"), ("text.jpg", b"this is not an image", "not an image"),
-     ("fake.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "fake.png")],
+    [
+        ("empty.jpg", b"", "empty file"),
+        ("text.jpg", b"this is not an image", "not an image"),
+        ("fake.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "fake.png"),
+    ],
 )
 def test_unreadable_files_raise_image_error(tmp_path, name, content, reason):
     path = tmp_path / name

@@ -14,8 +14,20 @@ from catdog_glm.vision.trainer import TrainCallbacks, train
 
 
 def _cfg(data, output, **overrides) -> TrainConfig:
-    values = dict(data=str(data), output=str(output), arch="resnet18", pretrained="none", epochs=2,
-                  image_size=32, batch_size=8, tracker="none", workers=0, progress=False, patience=0, seed=3)
+    values = dict(
+        data=str(data),
+        output=str(output),
+        arch="resnet18",
+        pretrained="none",
+        epochs=2,
+        image_size=32,
+        batch_size=8,
+        tracker="none",
+        workers=0,
+        progress=False,
+        patience=0,
+        seed=3,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -77,8 +89,10 @@ def test_early_stopping(synthetic_data, tmp_path):
     assert result.stopped_early and result.epochs_run < 6
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=-1.0), dict(cache="disk"),
-                                 dict(image_size=8), dict(tracker="wandb")])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(epochs=0), dict(batch_size=0), dict(lr=-1.0), dict(cache="disk"), dict(image_size=8), dict(tracker="wandb")],
+)
 def test_bad_options_are_refused_before_any_work(tmp_path, bad):
     with pytest.raises(ConfigError):
         train(_cfg(tmp_path, tmp_path / "run", **bad))

@@ -7,12 +7,13 @@ from PIL import Image
 from torchvision import transforms
 
 from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD, load_resized, normalize_batch
-from tests.conftest import requires_shared_data, SHARED_CATDOG
+from tests.conftest import SHARED_CATDOG, requires_shared_data
 
 
 def _book_transform(size):
-    return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose(
+        [transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
 
 
 def test_matches_book_pipeline_on_generated_image(tmp_path):

@@ -19,8 +19,9 @@ def setup_logging(verbose: bool = False) -> None:
     from rich.logging import RichHandler
 
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler],
-                        format="%(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, handlers=[handler], format="%(message)s", force=True
+    )
     for noisy in ("swanlab", "PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -29,26 +29,27 @@ def _tables(result, split: str, checkpoint: Path) -> list[Table]:
     confusion.add_column("true \\ predicted")
     for name in result.classes:
         confusion.add_column(name, justify="right")
-    for name, row in zip(result.classes, result.confusion.tolist()):
+    for name, row in zip(result.classes, result.confusion.tolist(), strict=True):
         confusion.add_row(name, *(str(v) for v in row))
     return [overview, per_class, confusion]
 
 
 @user_errors
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file, or a folder holding best.pt.")]
-    = Path("checkpoint"),
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file, or a folder holding best.pt.")] = Path(
+        "checkpoint"
+    ),
     data: Annotated[str, typer.Option(help="Dataset root (same layouts as `catdog train`).")] = "data",
     split: Annotated[str, typer.Option(help="Which split to evaluate: val, train or test.")] = "val",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write a confusion-matrix picture to this PNG file.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision where the device supports it.")]
-    = True,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision where the device supports it.")] = True,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
-    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val split "
-                                                  "(use the training run's value).")] = 0.2,
+    val_split: Annotated[
+        float, typer.Option(help="Validation fraction when the data has no val split (use the training run's value).")
+    ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split (use the training run's value).")] = 42,
     limit: Annotated[int, typer.Option(help="Evaluate a class-balanced subset of N images (0 = all).")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
@@ -68,13 +69,23 @@ def evaluate(
     with Progress(console=console, disable=json_output, transient=True) as progress:
         task = progress.add_task("evaluating", total=None)
         result, ckpt, corrupt = evaluate_checkpoint(
-            path, data, split=split, batch_size=batch_size, device=device, amp=amp, workers=workers,
-            val_split=val_split, seed=seed, limit=limit,
+            path,
+            data,
+            split=split,
+            batch_size=batch_size,
+            device=device,
+            amp=amp,
+            workers=workers,
+            val_split=val_split,
+            seed=seed,
+            limit=limit,
             on_start=lambda n: progress.update(task, total=n),
-            on_batch=lambda n: progress.advance(task, n))
+            on_batch=lambda n: progress.advance(task, n),
+        )
     if plot:
-        plot_confusion_matrix(result.confusion, result.classes, plot,
-                              title=f"{ckpt.arch} on {split} (acc {result.accuracy:.1%})")
+        plot_confusion_matrix(
+            result.confusion, result.classes, plot, title=f"{ckpt.arch} on {split} (acc {result.accuracy:.1%})"
+        )
     if json_output:
         payload = result.to_dict() | {"checkpoint": str(path), "split": split, "skipped_files": corrupt}
         typer.echo(json.dumps(payload))

@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from catdog_glm.cli._common import console, user_errors
@@ -22,10 +29,16 @@ class RichTrainCallbacks:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, disable=not enabled,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
         )
         self.task = None
         self.images = 0
@@ -38,7 +51,8 @@ class RichTrainCallbacks:
             f"{info['val_images']} val images, classes {', '.join(info['classes'])}\n"
             f"device {info['device']} · precision {info['precision']} · channels_last {info['channels_last']} · "
             f"cache {info['cache']} · workers {info['workers']} · weights {info['pretrained']}"
-            + (f" · {info['world_size']} processes" if info["world_size"] > 1 else "") + resumed,
+            + (f" · {info['world_size']} processes" if info["world_size"] > 1 else "")
+            + resumed,
             highlight=False,
         )
         self.progress.start()
@@ -99,47 +113,57 @@ def _summary(result) -> Table:
 
 @user_errors
 def train(
-    data: Annotated[str, typer.Option(help="Dataset root: ImageFolder (train/ val/ or <class>/), "
-                                           "train.csv + val.csv, or Kaggle-style cat.1.jpg files.")] = D.data,
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Dataset root: ImageFolder (train/ val/ or <class>/), "
+            "train.csv + val.csv, or Kaggle-style cat.1.jpg files."
+        ),
+    ] = D.data,
     epochs: Annotated[int, typer.Option(help="Number of epochs.")] = D.epochs,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = D.batch_size,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = D.lr,
     image_size: Annotated[int, typer.Option(help="Images are resized to SIZE x SIZE.")] = D.image_size,
     arch: Annotated[str, typer.Option(help="Any torchvision classifier: resnet50, resnet18, ...")] = D.arch,
-    pretrained: Annotated[str, typer.Option(help="Start weights: imagenet (torch hub cache), none, or a "
-                                                 "weights file PATH.")] = D.pretrained,
-    output: Annotated[Path, typer.Option(help="Folder for best.pt, last.pt, results and the SwanLab log.")]
-    = Path(D.output),
+    pretrained: Annotated[
+        str, typer.Option(help="Start weights: imagenet (torch hub cache), none, or a weights file PATH.")
+    ] = D.pretrained,
+    output: Annotated[Path, typer.Option(help="Folder for best.pt, last.pt, results and the SwanLab log.")] = Path(
+        D.output
+    ),
     tracker: Annotated[str, typer.Option(help="Experiment tracker: swanlab or none.")] = D.tracker,
-    swanlab_mode: Annotated[str, typer.Option(help="SwanLab mode: local (offline dashboard), offline, "
-                                                   "online or disabled.")] = D.swanlab_mode,
+    swanlab_mode: Annotated[
+        str, typer.Option(help="SwanLab mode: local (offline dashboard), offline, online or disabled.")
+    ] = D.swanlab_mode,
     project: Annotated[str, typer.Option(help="SwanLab project name.")] = D.project,
     experiment: Annotated[str, typer.Option(help="SwanLab experiment name (default: arch and time).")] = "",
     description: Annotated[str, typer.Option(help="SwanLab experiment description.")] = "",
     device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")] = D.device,
     seed: Annotated[int, typer.Option(help="Random seed (data split, order, init).")] = D.seed,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from last.pt.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over even if --output holds a run.")]
-    = False,
-    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val split.")]
-    = D.val_split,
-    train_limit: Annotated[int, typer.Option(help="Use a class-balanced subset of N training images "
-                                                  "(0 = all).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over even if --output holds a run.")] = False,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val split.")] = D.val_split,
+    train_limit: Annotated[int, typer.Option(help="Use a class-balanced subset of N training images (0 = all).")] = 0,
     val_limit: Annotated[int, typer.Option(help="Use a subset of N validation images (0 = all).")] = 0,
-    cache: Annotated[str, typer.Option(help="auto (RAM when it fits), ram or none: keep decoded, resized "
-                                            "images in memory after first use.")] = D.cache,
+    cache: Annotated[
+        str,
+        typer.Option(
+            help="auto (RAM when it fits), ram or none: keep decoded, resized images in memory after first use."
+        ),
+    ] = D.cache,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = auto).")] = D.workers,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop and flip.")]
-    = D.augment,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision: bf16 on CPUs that support it, "
-                                                              "AMP on CUDA.")] = D.amp,
-    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last",
-                                                help="channels_last memory format (faster convolutions).")]
-    = D.channels_last,
-    schedule: Annotated[str, typer.Option(help="Learning-rate schedule: cosine or constant (the book).")]
-    = D.schedule,
-    patience: Annotated[int, typer.Option(help="Early stopping after N epochs without a better val "
-                                               "accuracy (0 = off).")] = D.patience,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop and flip.")] = D.augment,
+    amp: Annotated[
+        bool, typer.Option("--amp/--no-amp", help="Mixed precision: bf16 on CPUs that support it, AMP on CUDA.")
+    ] = D.amp,
+    channels_last: Annotated[
+        bool,
+        typer.Option("--channels-last/--no-channels-last", help="channels_last memory format (faster convolutions)."),
+    ] = D.channels_last,
+    schedule: Annotated[str, typer.Option(help="Learning-rate schedule: cosine or constant (the book).")] = D.schedule,
+    patience: Annotated[
+        int, typer.Option(help="Early stopping after N epochs without a better val accuracy (0 = off).")
+    ] = D.patience,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
@@ -150,12 +174,34 @@ def train(
     from catdog_glm.vision.trainer import train as run_training
 
     cfg = TrainConfig(
-        data=data, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, arch=arch,
-        pretrained=pretrained, output=str(output), tracker=tracker, swanlab_mode=swanlab_mode, project=project,
-        experiment=experiment, description=description, device=device, seed=seed, resume=resume,
-        overwrite=overwrite, val_split=val_split, train_limit=train_limit, val_limit=val_limit, cache=cache,
-        workers=workers, augment=augment, amp=amp, channels_last=channels_last, schedule=schedule,
-        patience=patience, progress=progress,
+        data=data,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        image_size=image_size,
+        arch=arch,
+        pretrained=pretrained,
+        output=str(output),
+        tracker=tracker,
+        swanlab_mode=swanlab_mode,
+        project=project,
+        experiment=experiment,
+        description=description,
+        device=device,
+        seed=seed,
+        resume=resume,
+        overwrite=overwrite,
+        val_split=val_split,
+        train_limit=train_limit,
+        val_limit=val_limit,
+        cache=cache,
+        workers=workers,
+        augment=augment,
+        amp=amp,
+        channels_last=channels_last,
+        schedule=schedule,
+        patience=patience,
+        progress=progress,
     )
     callbacks = RichTrainCallbacks(enabled=progress)
     try:
@@ -168,5 +214,7 @@ def train(
         console.print(f"[yellow]skipped:[/] {line}", highlight=False)
     console.print(_summary(result))
     if result.swanlab_logdir:
-        console.print(f"SwanLab log: {result.swanlab_logdir}\nView it offline: "
-                      f"[bold]swanlab watch {result.swanlab_logdir}[/]", highlight=False)
+        console.print(
+            f"SwanLab log: {result.swanlab_logdir}\nView it offline: [bold]swanlab watch {result.swanlab_logdir}[/]",
+            highlight=False,
+        )

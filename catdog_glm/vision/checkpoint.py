@@ -55,8 +55,12 @@ def library_versions() -> dict[str, str]:
     from catdog_glm import __version__
 
     # str(): torch.__version__ is a TorchVersion object, which weights_only loading rightly refuses.
-    return {"catdog_glm": __version__, "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+    return {
+        "catdog_glm": __version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def clean_state_dict(state: dict) -> dict:
@@ -68,7 +72,7 @@ def clean_state_dict(state: dict) -> dict:
             changed = False
             for prefix in _STRIP_PREFIXES:
                 if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+                    key, changed = key[len(prefix) :], True
         cleaned[key] = value
     return cleaned
 
@@ -97,9 +101,20 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
-def save_checkpoint(path: str | Path, *, arch: str, classes: list[str], model_state: dict, image_size: int,
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD, config: dict | None = None,
-                    metrics: dict | None = None, epoch: int = 0, training_state: dict | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    arch: str,
+    classes: list[str],
+    model_state: dict,
+    image_size: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    config: dict | None = None,
+    metrics: dict | None = None,
+    epoch: int = 0,
+    training_state: dict | None = None,
+) -> None:
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -188,21 +203,31 @@ def load_checkpoint(path: str | Path) -> ClassifierCheckpoint:
     obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if int(obj.get("format_version", 0)) > FORMAT_VERSION:
-            raise CheckpointError(f"{path} was written by a newer catdog-glm (format "
-                                  f"{obj['format_version']}); upgrade catdog-glm to read it")
+            raise CheckpointError(
+                f"{path} was written by a newer catdog-glm (format "
+                f"{obj['format_version']}); upgrade catdog-glm to read it"
+            )
         return ClassifierCheckpoint(
-            arch=obj["arch"], classes=list(obj["classes"]), model_state=obj["model"],
+            arch=obj["arch"],
+            classes=list(obj["classes"]),
+            model_state=obj["model"],
             image_size=int(obj.get("image_size", DEFAULT_IMAGE_SIZE)),
-            mean=tuple(obj.get("mean", IMAGENET_MEAN)), std=tuple(obj.get("std", IMAGENET_STD)),
-            config=obj.get("config", {}), metrics=obj.get("metrics", {}), epoch=int(obj.get("epoch", 0)),
-            source="catdog", raw=obj,
+            mean=tuple(obj.get("mean", IMAGENET_MEAN)),
+            std=tuple(obj.get("std", IMAGENET_STD)),
+            config=obj.get("config", {}),
+            metrics=obj.get("metrics", {}),
+            epoch=int(obj.get("epoch", 0)),
+            source="catdog",
+            raw=obj,
         )
     state = _unwrap_state_dict(obj, path)
     arch = infer_resnet_arch(state)
     head = state.get("fc.weight")
     if arch is None or head is None:
-        raise CheckpointError(f"{path} is a state_dict but not of a torchvision ResNet this tool can recognise; "
-                              "train with `catdog train` to get a self-describing checkpoint")
+        raise CheckpointError(
+            f"{path} is a state_dict but not of a torchvision ResNet this tool can recognise; "
+            "train with `catdog train` to get a self-describing checkpoint"
+        )
     n = head.shape[0]
     classes = BOOK_CLASSES if n == 2 else [f"class_{i}" for i in range(n)]
     log.info("%s: bare state_dict, inferred %s with classes %s", path, arch, classes)
@@ -217,8 +242,9 @@ def build_model_from_checkpoint(ckpt: ClassifierCheckpoint):
     try:
         model.load_state_dict(ckpt.model_state)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not fit {ckpt.arch} with {len(ckpt.classes)} classes: "
-                              f"{str(e).splitlines()[0]}") from e
+        raise CheckpointError(
+            f"checkpoint weights do not fit {ckpt.arch} with {len(ckpt.classes)} classes: {str(e).splitlines()[0]}"
+        ) from e
     return model.eval()
 
 
@@ -227,6 +253,10 @@ def find_checkpoint(folder: str | Path, which: str = BEST_NAME) -> Path:
     folder = Path(folder).expanduser()
     if folder.is_file():
         return folder
+    if not folder.exists():
+        raise CheckpointError(
+            f"checkpoint {folder} does not exist; train one with `catdog train` or pass --checkpoint PATH"
+        )
     for name in (which, LAST_NAME, "latest_checkpoint.pth"):
         if (folder / name).is_file():
             return folder / name

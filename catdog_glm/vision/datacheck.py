@@ -32,8 +32,12 @@ class DataReport:
         def stats(values):
             if not values:
                 return {}
-            return {"min": min(values), "median": statistics.median(values), "mean": statistics.fmean(values),
-                    "max": max(values)}
+            return {
+                "min": min(values),
+                "median": statistics.median(values),
+                "mean": statistics.fmean(values),
+                "max": max(values),
+            }
 
         return {"width": stats(self.widths), "height": stats(self.heights)}
 
@@ -51,14 +55,21 @@ def _probe(path: Path):
     return img.width, img.height, mode
 
 
-def check_dataset(root: str | Path, *, val_split: float = 0.2, seed: int = 42, threads: int = 4,
-                  on_progress=None) -> DataReport:
+def check_dataset(
+    root: str | Path, *, val_split: float = 0.2, seed: int = 42, threads: int = 4, on_progress=None
+) -> DataReport:
     """Fully decode every image of the dataset under `root` (in threads: Pillow releases the GIL)."""
     dataset = discover(root, val_split=val_split, seed=seed)
     report = DataReport(root=dataset.root, layout=dataset.layout, classes=dataset.classes, counts={})
     listed = {s.path.resolve() for samples in dataset.splits.values() for s in samples}
-    report.ignored_files = sorted(p for p in dataset.root.rglob("*") if p.is_file() and not is_image_file(p)
-                                  and p.suffix.lower() not in (".csv", ".txt", ".md") and p.resolve() not in listed)
+    report.ignored_files = sorted(
+        p
+        for p in dataset.root.rglob("*")
+        if p.is_file()
+        and not is_image_file(p)
+        and p.suffix.lower() not in (".csv", ".txt", ".md")
+        and p.resolve() not in listed
+    )
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for split, samples in dataset.splits.items():
             counts = dict.fromkeys(dataset.classes, 0)

@@ -43,12 +43,19 @@ class EvalResult:
         return out
 
     def to_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n, "classes": self.classes,
-                "per_class": self.per_class(), "confusion_matrix": self.confusion.tolist()}
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "n": self.n,
+            "classes": self.classes,
+            "per_class": self.per_class(),
+            "confusion_matrix": self.confusion.tolist(),
+        }
 
 
-def run_model(model, batch_uint8, device, precision: Precision, channels_last: bool,
-              mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def run_model(
+    model, batch_uint8, device, precision: Precision, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD
+):
     """Normalize a uint8 batch on `device` and return float32 logits (the one forward used everywhere)."""
     import torch
 
@@ -59,8 +66,19 @@ def run_model(model, batch_uint8, device, precision: Precision, channels_last: b
         return model(x).float()
 
 
-def evaluate(model, loader, *, classes: list[str], device, precision: Precision, channels_last: bool = True,
-             mean=IMAGENET_MEAN, std=IMAGENET_STD, on_batch=None, keep_predictions: bool = False):
+def evaluate(
+    model,
+    loader,
+    *,
+    classes: list[str],
+    device,
+    precision: Precision,
+    channels_last: bool = True,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    on_batch=None,
+    keep_predictions: bool = False,
+):
     """Loss and confusion matrix of `model` over `loader`; optionally the (index, probabilities) of each sample."""
     import torch
     import torch.nn.functional as F
@@ -82,7 +100,7 @@ def evaluate(model, loader, *, classes: list[str], device, precision: Precision,
             confusion += torch.bincount(labels * k + predicted, minlength=k * k).view(k, k)
             if keep_predictions:
                 probs = logits.softmax(1)
-                predictions += list(zip(indices.tolist(), probs))
+                predictions += list(zip(indices.tolist(), probs, strict=True))
             if on_batch:
                 on_batch(len(labels))
     model.train(was_training)
@@ -90,9 +108,21 @@ def evaluate(model, loader, *, classes: list[str], device, precision: Precision,
     return (result, predictions) if keep_predictions else result
 
 
-def evaluate_checkpoint(checkpoint_path, data, *, split: str = "val", batch_size: int = 32, device: str = "auto",
-                        amp: bool = True, workers: int = 0, val_split: float = 0.2, seed: int = 42,
-                        limit: int = 0, on_start=None, on_batch=None):
+def evaluate_checkpoint(
+    checkpoint_path,
+    data,
+    *,
+    split: str = "val",
+    batch_size: int = 32,
+    device: str = "auto",
+    amp: bool = True,
+    workers: int = 0,
+    val_split: float = 0.2,
+    seed: int = 42,
+    limit: int = 0,
+    on_start=None,
+    on_batch=None,
+):
     """Evaluate a checkpoint on one split of a dataset; dataset classes are matched to the checkpoint by name."""
     import torch
 
@@ -106,8 +136,9 @@ def evaluate_checkpoint(checkpoint_path, data, *, split: str = "val", batch_size
     dataset = discover(data, val_split=val_split, seed=seed)
     unknown = [c for c in dataset.classes if c not in ckpt.classes]
     if unknown:
-        raise DataError(f"{data} has classes {unknown} that the checkpoint does not know "
-                        f"(it was trained on {ckpt.classes})")
+        raise DataError(
+            f"{data} has classes {unknown} that the checkpoint does not know (it was trained on {ckpt.classes})"
+        )
     to_ckpt = {i: ckpt.classes.index(c) for i, c in enumerate(dataset.classes)}
     samples = [Sample(s.path, to_ckpt[s.label]) for s in subsample(dataset.split(split), limit, seed)]
     if not samples:
@@ -119,6 +150,14 @@ def evaluate_checkpoint(checkpoint_path, data, *, split: str = "val", batch_size
     loader = build_loader(ds, batch_size=batch_size, shuffle=False, workers=workers)
     if on_start:
         on_start(len(samples))
-    result = evaluate(model, loader, classes=ckpt.classes, device=dev, precision=precision,
-                      mean=ckpt.mean, std=ckpt.std, on_batch=on_batch)
+    result = evaluate(
+        model,
+        loader,
+        classes=ckpt.classes,
+        device=dev,
+        precision=precision,
+        mean=ckpt.mean,
+        std=ckpt.std,
+        on_batch=on_batch,
+    )
     return result, ckpt, ds.corrupt_files()

@@ -80,8 +80,7 @@ def open_image(path: str | Path, *, draft_size: int | None = None, max_pixels: i
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
-                    f"{path}: {width}x{height} pixels is over the limit of {max_pixels:,} "
-                    "(possible decompression bomb)"
+                    f"{path}: {width}x{height} pixels is over the limit of {max_pixels:,} (possible decompression bomb)"
                 )
             if draft_size and img.format == "JPEG":
                 img.draft(None, (draft_size, draft_size))

@@ -70,9 +70,7 @@ class ImageDataset:
         self.augment = augment
         self.status = torch.zeros(len(samples), dtype=torch.uint8).share_memory_()
         self.cache = (
-            torch.empty((len(samples), 3, image_size, image_size), dtype=torch.uint8).share_memory_()
-            if cache
-            else None
+            torch.empty((len(samples), 3, image_size, image_size), dtype=torch.uint8).share_memory_() if cache else None
         )
         self.errors: dict[int, str] = {}
 
@@ -144,8 +142,17 @@ def collate_skipping_corrupt(items):
     return images, labels, indices
 
 
-def build_loader(dataset, *, batch_size: int, shuffle: bool, workers: int, sampler=None, generator=None,
-                 pin_memory: bool = False, drop_last: bool = False):
+def build_loader(
+    dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    workers: int,
+    sampler=None,
+    generator=None,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+):
     from torch.utils.data import DataLoader
 
     return DataLoader(

@@ -47,8 +47,10 @@ def build_model(arch: str, num_classes: int):
     from torchvision import models
 
     if arch not in models.list_models(module=models):
-        raise ConfigError(f"unknown --arch {arch!r}; torchvision classifiers include resnet18, resnet50, "
-                          "efficientnet_b0, mobilenet_v3_large, convnext_tiny")
+        raise ConfigError(
+            f"unknown --arch {arch!r}; torchvision classifiers include resnet18, resnet50, "
+            "efficientnet_b0, mobilenet_v3_large, convnext_tiny"
+        )
     # Build with the ImageNet head first so pretrained weights fit, then replace it.
     return replace_head(models.get_model(arch, weights=None), num_classes)
 
@@ -91,12 +93,15 @@ def load_imagenet_state(arch: str) -> dict:
 
     path, url = imagenet_weights_file(arch)
     if not path.is_file():
-        hint = (f"put {path.name} (from {url}) at {path}, or pass --pretrained PATH to a local weights file, "
-                "or --pretrained none to train from scratch")
+        hint = (
+            f"put {path.name} (from {url}) at {path}, or pass --pretrained PATH to a local weights file, "
+            "or --pretrained none to train from scratch"
+        )
         reason = _reachable(url)
         if reason is not None:
-            raise WeightsUnavailableError(f"ImageNet weights for {arch} are not cached and cannot be "
-                                          f"downloaded ({reason}); {hint}")
+            raise WeightsUnavailableError(
+                f"ImageNet weights for {arch} are not cached and cannot be downloaded ({reason}); {hint}"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(url, str(path), progress=True)

@@ -25,8 +25,14 @@ def _draw_face(kind: str, rng: random.Random, size: int):
     if kind == "cat":
         for side in (-1, 1):  # pointed ears above the head
             base = cx + side * r * 0.55
-            draw.polygon([(base - r * 0.35, cy - r * 0.6), (base + r * 0.35, cy - r * 0.6),
-                          (base + side * r * 0.15, cy - r * 1.5)], fill=fur)
+            draw.polygon(
+                [
+                    (base - r * 0.35, cy - r * 0.6),
+                    (base + r * 0.35, cy - r * 0.6),
+                    (base + side * r * 0.15, cy - r * 1.5),
+                ],
+                fill=fur,
+            )
     else:
         for side in (-1, 1):  # floppy ears hanging beside the head
             ex = cx + side * r * 0.95
@@ -40,16 +46,20 @@ def _draw_face(kind: str, rng: random.Random, size: int):
     if kind == "cat":
         for side in (-1, 1):
             for dy in (-3, 0, 3):
-                draw.line((cx + side * r * 0.2, cy + r * 0.3, cx + side * r * 1.2, cy + r * 0.3 + dy * r / 12),
-                          fill=(250, 250, 250), width=max(1, size // 128))
+                draw.line(
+                    (cx + side * r * 0.2, cy + r * 0.3, cx + side * r * 1.2, cy + r * 0.3 + dy * r / 12),
+                    fill=(250, 250, 250),
+                    width=max(1, size // 128),
+                )
     else:
         draw.ellipse((cx - r * 0.2, cy + r * 0.45, cx + r * 0.2, cy + r * 0.95), fill=(230, 80, 110))
     angle = rng.uniform(-20, 20)
     return img.rotate(angle, fillcolor=bg).filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
 
 
-def make_synthetic_dataset(root: str | Path, *, per_class: int = 60, val_fraction: float = 0.25,
-                           image_size: int = 128, seed: int = 0) -> Path:
+def make_synthetic_dataset(
+    root: str | Path, *, per_class: int = 60, val_fraction: float = 0.25, image_size: int = 128, seed: int = 0
+) -> Path:
     """Write ROOT/{train,val}/{cat,dog}/*.jpg and return ROOT."""
     root = Path(root)
     rng = random.Random(seed)

@@ -33,8 +33,17 @@ def _swanlab_logged_in() -> bool:
 
 
 class SwanLabTracker(Tracker):
-    def __init__(self, *, project: str, experiment: str, description: str, config: dict, logdir: Path,
-                 mode: str, resume_id: str | None = None):
+    def __init__(
+        self,
+        *,
+        project: str,
+        experiment: str,
+        description: str,
+        config: dict,
+        logdir: Path,
+        mode: str,
+        resume_id: str | None = None,
+    ):
         import swanlab
 
         if mode == "online" and not _swanlab_logged_in():
@@ -44,8 +53,14 @@ class SwanLabTracker(Tracker):
         logdir.mkdir(parents=True, exist_ok=True)
         self.logdir = logdir
         self._swanlab = swanlab
-        kwargs = dict(project=project, experiment_name=experiment or None, description=description or None,
-                      config=config, logdir=str(logdir), mode=mode)
+        kwargs = dict(
+            project=project,
+            experiment_name=experiment or None,
+            description=description or None,
+            config=config,
+            logdir=str(logdir),
+            mode=mode,
+        )
         try:
             self.run = swanlab.init(**kwargs)
         except Exception as e:
@@ -70,8 +85,9 @@ class SwanLabTracker(Tracker):
 
     def log_images(self, key, images, captions, step):
         def send():
-            self._swanlab.log({key: [self._swanlab.Image(im, caption=c) for im, c in zip(images, captions)]},
-                              step=step)
+            self._swanlab.log(
+                {key: [self._swanlab.Image(im, caption=c) for im, c in zip(images, captions, strict=True)]}, step=step
+            )
 
         self._guard("image log", send)
 
@@ -79,13 +95,15 @@ class SwanLabTracker(Tracker):
         self._guard("finish", self._swanlab.finish)
 
 
-def build_tracker(name: str, *, mode: str, logdir: Path, project: str, experiment: str, description: str,
-                  config: dict) -> Tracker:
+def build_tracker(
+    name: str, *, mode: str, logdir: Path, project: str, experiment: str, description: str, config: dict
+) -> Tracker:
     if name == "none" or mode == "disabled":
         return Tracker()
     try:
-        return SwanLabTracker(project=project, experiment=experiment, description=description, config=config,
-                              logdir=logdir, mode=mode)
+        return SwanLabTracker(
+            project=project, experiment=experiment, description=description, config=config, logdir=logdir, mode=mode
+        )
     except Exception as e:
         log.warning("SwanLab could not start (%s); training continues without it", e)
         return Tracker()

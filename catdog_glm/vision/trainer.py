@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import random
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from catdog_glm.config import TrainConfig
-from catdog_glm.device import Precision, autocast, resolve_device, resolve_precision
+from catdog_glm.device import Precision, resolve_device, resolve_precision
 from catdog_glm.errors import ConfigError, DataError
 from catdog_glm.vision import checkpoint as ckpt_io
 from catdog_glm.vision.data import discover, subsample
@@ -117,8 +118,12 @@ def _seed_everything(seed: int) -> None:
 def _rng_state() -> dict:
     import torch
 
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
 
 
 def _restore_rng(state: dict) -> None:
@@ -156,11 +161,16 @@ class _Run:
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def check_output(self) -> None:
+        # A process killed inside save_atomic leaves its temp file; the real checkpoints are intact.
+        for stale in self.output.glob(".*.pt.*.tmp"):
+            stale.unlink(missing_ok=True)
         if self.cfg.resume and not self.last_path.is_file():
             raise ConfigError(f"--resume: there is no {self.last_path} to continue from")
         if not self.cfg.resume and not self.cfg.overwrite and self.last_path.is_file():
-            raise ConfigError(f"{self.output} already holds a run ({self.last_path.name}); pass --resume to "
-                              "continue it, --overwrite to start over, or another --output")
+            raise ConfigError(
+                f"{self.output} already holds a run ({self.last_path.name}); pass --resume to "
+                "continue it, --overwrite to start over, or another --output"
+            )
 
     def build_data(self) -> None:
         cfg = self.cfg
@@ -177,31 +187,42 @@ class _Run:
             use_cache, note = True, f"RAM ({cache_bytes(total, cfg.image_size) / 2**20:.0f} MiB)"
         else:
             use_cache = False
-            note = (f"off: {total} images at {cfg.image_size}px need "
-                    f"{cache_bytes(total, cfg.image_size) / 2**30:.1f} GiB, more than half the free memory")
+            note = (
+                f"off: {total} images at {cfg.image_size}px need "
+                f"{cache_bytes(total, cfg.image_size) / 2**30:.1f} GiB, more than half the free memory"
+            )
             self.cb.on_message(f"RAM cache {note}; training without it")
         self.cache_note = note
         augment = build_augment(cfg.image_size) if cfg.augment else None
-        self.train_ds = ImageDataset(train, cfg.image_size, cache=use_cache, augment=augment, seed=cfg.seed,
-                                     substitute_corrupt=True)
+        self.train_ds = ImageDataset(
+            train, cfg.image_size, cache=use_cache, augment=augment, seed=cfg.seed, substitute_corrupt=True
+        )
         self.val_ds = ImageDataset(val, cfg.image_size, cache=use_cache)
         self.workers = _resolve_workers(cfg.workers, self.device)
 
         from torch.utils.data import DistributedSampler, Subset
 
         # DistributedSampler also serves one process: a per-epoch, seed-determined order (exact resume).
-        self.sampler = DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank,
-                                          shuffle=True, seed=cfg.seed)
+        self.sampler = DistributedSampler(
+            self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=cfg.seed
+        )
         pin = self.device.type == "cuda"
         # A last batch of one image would break BatchNorm in training mode: drop it (it is reshuffled in later).
         lone_last = len(self.sampler) % cfg.batch_size == 1
-        self.train_loader = build_loader(self.train_ds, batch_size=cfg.batch_size, shuffle=False,
-                                         workers=self.workers, sampler=self.sampler, pin_memory=pin,
-                                         drop_last=lone_last)
+        self.train_loader = build_loader(
+            self.train_ds,
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            workers=self.workers,
+            sampler=self.sampler,
+            pin_memory=pin,
+            drop_last=lone_last,
+        )
         # Each rank validates a disjoint strided shard; the confusion matrices are summed.
         val_part = Subset(self.val_ds, range(self.dist.rank, len(self.val_ds), self.dist.world))
-        self.val_loader = build_loader(val_part, batch_size=max(cfg.batch_size, 32), shuffle=False,
-                                       workers=self.workers, pin_memory=pin)
+        self.val_loader = build_loader(
+            val_part, batch_size=max(cfg.batch_size, 32), shuffle=False, workers=self.workers, pin_memory=pin
+        )
 
     def build_model(self) -> None:
         import torch
@@ -218,10 +239,15 @@ class _Run:
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
         fused = self.device.type in ("cpu", "cuda")  # the fused Adam kernel is the fastest on both
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=fused)
-        if cfg.schedule == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
-        else:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        # Closed-form cosine (not CosineAnnealingLR's recursive one): resuming with a larger --epochs
+        # stretches the curve instead of restarting the decay from a near-zero learning rate.
+        epochs = cfg.epochs
+        factor = (
+            (lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs)))
+            if cfg.schedule == "cosine"
+            else (lambda e: 1.0)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
         self.start_epoch, self.step = 0, 0
         self.best_acc, self.best_epoch, self.bad_epochs = -1.0, 0, 0
@@ -233,8 +259,10 @@ class _Run:
         if state is None:
             raise ConfigError(f"{self.last_path} has no training state to resume from")
         if saved.arch != self.cfg.arch or saved.classes != self.classes:
-            raise ConfigError(f"--resume: {self.last_path} is a {saved.arch} over {saved.classes}, but this run "
-                              f"asks for {self.cfg.arch} over {self.classes}; use the same --arch and --data")
+            raise ConfigError(
+                f"--resume: {self.last_path} is a {saved.arch} over {saved.classes}, but this run "
+                f"asks for {self.cfg.arch} over {self.classes}; use the same --arch and --data"
+            )
         self.model.load_state_dict(saved.model_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -282,9 +310,16 @@ class _Run:
         import torch.distributed as dist
 
         self.cb.on_validate_start(len(self.val_ds) // self.dist.world)
-        out = evaluate(self.model, self.val_loader, classes=self.classes, device=self.device,
-                       precision=self.precision, channels_last=self.cfg.channels_last,
-                       on_batch=self.cb.on_validate_batch, keep_predictions=keep_predictions)
+        out = evaluate(
+            self.model,
+            self.val_loader,
+            classes=self.classes,
+            device=self.device,
+            precision=self.precision,
+            channels_last=self.cfg.channels_last,
+            on_batch=self.cb.on_validate_batch,
+            keep_predictions=keep_predictions,
+        )
         result, predictions = out if keep_predictions else (out, [])
         if self.dist.world > 1:
             packed = torch.cat([result.confusion.flatten().double(), torch.tensor([result.loss_sum])])
@@ -292,28 +327,48 @@ class _Run:
             dist.all_reduce(packed)
             k = len(self.classes)
             packed = packed.cpu()
-            result = EvalResult(loss_sum=float(packed[-1]), confusion=packed[:-1].round().long().view(k, k),
-                                classes=self.classes)
+            result = EvalResult(
+                loss_sum=float(packed[-1]), confusion=packed[:-1].round().long().view(k, k), classes=self.classes
+            )
         return result, predictions
 
     def checkpoint_fields(self, metrics: dict, epoch: int) -> dict:
-        return dict(arch=self.cfg.arch, classes=self.classes, model_state=self.model.state_dict(),
-                    image_size=self.cfg.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    config=self.cfg.to_dict(), metrics=metrics, epoch=epoch)
+        return dict(
+            arch=self.cfg.arch,
+            classes=self.classes,
+            model_state=self.model.state_dict(),
+            image_size=self.cfg.image_size,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            config=self.cfg.to_dict(),
+            metrics=metrics,
+            epoch=epoch,
+        )
 
     def save(self, epoch: int, row: dict, improved: bool) -> None:
-        metrics = {"val_acc": row["val_acc"], "val_loss": row["val_loss"], "best_acc": self.best_acc,
-                   "best_epoch": self.best_epoch}
+        metrics = {
+            "val_acc": row["val_acc"],
+            "val_loss": row["val_loss"],
+            "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
+        }
         if improved:
             ckpt_io.save_checkpoint(self.best_path, **self.checkpoint_fields(metrics, epoch + 1))
         training_state = {
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "epoch": epoch + 1, "step": self.step,
-            "best_acc": self.best_acc, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-            "history": self.history, "rng": _rng_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch + 1,
+            "step": self.step,
+            "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "rng": _rng_state(),
         }
-        ckpt_io.save_checkpoint(self.last_path, **self.checkpoint_fields(metrics, epoch + 1),
-                                training_state=training_state)
+        ckpt_io.save_checkpoint(
+            self.last_path, **self.checkpoint_fields(metrics, epoch + 1), training_state=training_state
+        )
         _write_results_csv(self.output / "results.csv", self.history)
 
     def finish(self, started: float, stopped_early: bool) -> TrainResult:
@@ -327,18 +382,32 @@ class _Run:
             self.tracker.log({"test_acc": result.accuracy, "test_loss": result.loss}, step=self.step)
             self.log_val_images(predictions)
             self.tracker.finish()
-            plot_confusion_matrix(result.confusion, self.classes, self.output / "confusion_matrix.png",
-                                  title=f"{self.cfg.arch} validation (acc {result.accuracy:.1%})")
+            plot_confusion_matrix(
+                result.confusion,
+                self.classes,
+                self.output / "confusion_matrix.png",
+                title=f"{self.cfg.arch} validation (acc {result.accuracy:.1%})",
+            )
             if self.history:
                 plot_results(self.history, self.output / "results.png")
         speeds = [r["images_per_s"] for r in self.history]
         return TrainResult(
-            output=self.output, best_path=self.best_path, last_path=self.last_path, classes=self.classes,
-            best_acc=self.best_acc, best_epoch=self.best_epoch, test_acc=result.accuracy, test_loss=result.loss,
-            epochs_run=len(self.history), stopped_early=stopped_early,
+            output=self.output,
+            best_path=self.best_path,
+            last_path=self.last_path,
+            classes=self.classes,
+            best_acc=self.best_acc,
+            best_epoch=self.best_epoch,
+            test_acc=result.accuracy,
+            test_loss=result.loss,
+            epochs_run=len(self.history),
+            stopped_early=stopped_early,
             images_per_s=sorted(speeds)[len(speeds) // 2] if speeds else 0.0,
-            seconds=time.perf_counter() - started, history=self.history, corrupt_files=corrupt,
-            swanlab_logdir=self.tracker.logdir, confusion_matrix=result.confusion.tolist(),
+            seconds=time.perf_counter() - started,
+            history=self.history,
+            corrupt_files=corrupt,
+            swanlab_logdir=self.tracker.logdir,
+            confusion_matrix=result.confusion.tolist(),
         )
 
     def log_val_images(self, predictions) -> None:
@@ -371,20 +440,37 @@ def train(cfg: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainRes
         run.output.mkdir(parents=True, exist_ok=True)
         (run.output / "args.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         experiment = cfg.experiment or f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run.tracker = build_tracker(cfg.tracker, mode=cfg.swanlab_mode, logdir=run.output / "swanlog",
-                                    project=cfg.project, experiment=experiment, description=cfg.description,
-                                    config=cfg.to_dict())
+        run.tracker = build_tracker(
+            cfg.tracker,
+            mode=cfg.swanlab_mode,
+            logdir=run.output / "swanlog",
+            project=cfg.project,
+            experiment=experiment,
+            description=cfg.description,
+            config=cfg.to_dict(),
+        )
     else:
         from catdog_glm.vision.tracking import Tracker
 
         run.tracker = Tracker()
-    cb.on_start({
-        "data": str(run.dataset.root), "layout": run.dataset.layout, "classes": run.classes,
-        "train_images": len(run.train_ds), "val_images": len(run.val_ds), "device": str(run.device),
-        "precision": run.precision.name, "channels_last": cfg.channels_last, "cache": run.cache_note,
-        "workers": run.workers, "pretrained": run.pretrained_note, "world_size": run.dist.world,
-        "arch": cfg.arch, "start_epoch": run.start_epoch,
-    })
+    cb.on_start(
+        {
+            "data": str(run.dataset.root),
+            "layout": run.dataset.layout,
+            "classes": run.classes,
+            "train_images": len(run.train_ds),
+            "val_images": len(run.val_ds),
+            "device": str(run.device),
+            "precision": run.precision.name,
+            "channels_last": cfg.channels_last,
+            "cache": run.cache_note,
+            "workers": run.workers,
+            "pretrained": run.pretrained_note,
+            "world_size": run.dist.world,
+            "arch": cfg.arch,
+            "start_epoch": run.start_epoch,
+        }
+    )
     started = time.perf_counter()
     stopped_early = False
     for epoch in range(run.start_epoch, cfg.epochs):
@@ -398,13 +484,20 @@ def train(cfg: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainRes
             run.best_acc, run.best_epoch, run.bad_epochs = val.accuracy, epoch + 1, 0
         else:
             run.bad_epochs += 1
-        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "val_loss": round(val.loss, 6),
-               "val_acc": round(val.accuracy, 6), "lr": lr, "images_per_s": round(speed, 3),
-               "epoch_seconds": round(time.perf_counter() - epoch_started, 2)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": round(train_loss, 6),
+            "val_loss": round(val.loss, 6),
+            "val_acc": round(val.accuracy, 6),
+            "lr": lr,
+            "images_per_s": round(speed, 3),
+            "epoch_seconds": round(time.perf_counter() - epoch_started, 2),
+        }
         run.history.append(row)
         if run.dist.main:
-            run.tracker.log({"val_loss": val.loss, "val_acc": val.accuracy, "lr": lr, "epoch": epoch + 1},
-                            step=run.step)
+            run.tracker.log(
+                {"val_loss": val.loss, "val_acc": val.accuracy, "lr": lr, "epoch": epoch + 1}, step=run.step
+            )
             run.save(epoch, row, improved)
         cb.on_epoch_end(row)
         if cfg.patience and run.bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs:

@@ -1,0 +1,140 @@
+"""The real `catdog` command: help, one-line errors, data check/synth, train + eval --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import catdog_env, save_image
+
+CATDOG = [sys.executable, "-m", "catdog_glm"]
+SUBCOMMANDS = ["train", "eval", "predict", "serve-classifier", "serve-chat", "chat", "data"]
+
+
+def run(*args, cwd=None, timeout=300):
+    return subprocess.run(
+        [*CATDOG, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=catdog_env(), timeout=timeout
+    )
+
+
+def test_help_lists_every_subcommand_and_is_fast():
+    started = time.perf_counter()
+    out = run("--help")
+    elapsed = time.perf_counter() - started
+    assert out.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in out.stdout
+    assert "torch" not in sys.modules or elapsed < 5  # no heavy import on --help
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, catdog_glm.cli; "
+            "print(any(m in sys.modules for m in ('torch', 'gradio', 'transformers', 'swanlab')))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert probe.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "data check", "data synth"])
+def test_every_option_has_help_text(command):
+    out = run(*command.split(), "--help")
+    assert out.returncode == 0
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("│ --")]
+    assert lines and all(len(ln.split()) > 3 for ln in lines), lines
+
+
+@pytest.mark.parametrize("name", ["predict", "serve-classifier", "serve-chat", "chat"])
+def test_later_commands_answer_without_crashing(name):
+    out = run(name)
+    assert out.returncode == 2
+    assert "not implemented yet" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--data", "/no/such/folder"], "does not exist"),
+        (["train", "--data", ".", "--epochs", "0"], "--epochs must be at least 1"),
+        (["eval", "--checkpoint", "/no/such.pt", "--data", "."], "does not exist"),
+        (["train", "--data", ".", "--device", "tpu"], "unknown device"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
+    out = run(*args, cwd=tmp_path)
+    assert out.returncode == 1
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith("Error:") and len(out.stderr.strip().splitlines()) <= 3
+
+
+def test_single_class_dataset_is_refused_before_work(tmp_path):
+    for i in range(3):
+        save_image(tmp_path / "cat" / f"{i}.jpg")
+    out = run("train", "--data", tmp_path, "--output", tmp_path / "out", "--pretrained", "none")
+    assert out.returncode == 1 and "single class" in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_check_reports_counts_sizes_and_bad_files(synthetic_data, tmp_path):
+    good = run("data", "check", synthetic_data)
+    assert good.returncode == 0, good.stderr
+    assert "all 32 images decode" in good.stdout and "median" in good.stdout
+    bad_root = tmp_path / "d"
+    for c in ("cat", "dog"):
+        for i in range(3):
+            save_image(bad_root / c / f"{i}.png", size=(40 + i, 30))
+    (bad_root / "dog" / "zero.jpg").write_bytes(b"")
+    (bad_root / "cat" / "junk.jpg").write_bytes(b"junk")
+    bad = run("data", "check", bad_root)
+    assert bad.returncode == 1
+    assert "2 unreadable file(s)" in bad.stdout
+    assert "zero.jpg" in bad.stdout and "junk.jpg" in bad.stdout
+
+
+def test_train_then_eval_json_and_plot(synthetic_data, tmp_path):
+    out_dir = tmp_path / "run"
+    trained = run(
+        "train",
+        "--data",
+        synthetic_data,
+        "--epochs",
+        "1",
+        "--arch",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--pretrained",
+        "none",
+        "--output",
+        out_dir,
+        "--tracker",
+        "none",
+        "--workers",
+        "0",
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "Training summary" in trained.stdout and "test_acc" in trained.stdout
+    evaluated = run(
+        "eval", "--checkpoint", out_dir / "best.pt", "--data", synthetic_data, "--json", "--plot", tmp_path / "cm.png"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert {"accuracy", "loss", "n", "per_class", "confusion_matrix", "classes"} <= report.keys()
+    assert report["n"] == 8 and sum(map(sum, report["confusion_matrix"])) == 8
+    assert (tmp_path / "cm.png").stat().st_size > 1000
+    tables = run("eval", "--checkpoint", out_dir, "--data", synthetic_data, "--split", "train")
+    assert tables.returncode == 0 and "Per class" in tables.stdout and "Confusion matrix" in tables.stdout
+
+
+def test_data_synth(tmp_path):
+    out = run("data", "synth", tmp_path / "s", "--per-class", "8", "--image-size", "32")
+    assert out.returncode == 0
+    assert len(list((tmp_path / "s").rglob("*.jpg"))) == 16
+    again = run("data", "synth", tmp_path / "s")
+    assert again.returncode == 1 and "not empty" in again.stderr
