@@ -57,6 +57,12 @@ class RichTrainCallbacks:
         )
         self.progress.start()
 
+    def on_prepare(self, description: str, total: int) -> None:
+        self.task = self.progress.add_task(description, total=total, loss="-", speed="-")
+
+    def on_prepare_advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
     def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         import time
 

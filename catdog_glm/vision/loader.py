@@ -97,6 +97,21 @@ class ImageDataset:
             self.status[i] = DECODED
         return image
 
+    def fill_cache(self, threads: int, on_progress=None) -> None:
+        """Decode every sample into the RAM cache up front, in threads (Pillow releases the GIL while decoding).
+
+        On a CPU box this beats decoding inside the training loop: the cores decode in parallel once, and
+        every epoch after that, the first included, runs at cached speed.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.cache is None:
+            return
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for _ in pool.map(self.load, range(len(self.samples))):
+                if on_progress:
+                    on_progress(1)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch.fill_(epoch)
 

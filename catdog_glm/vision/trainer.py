@@ -51,6 +51,10 @@ class TrainCallbacks:
 
     def on_message(self, message: str) -> None: ...
 
+    def on_prepare(self, description: str, total: int) -> None: ...
+
+    def on_prepare_advance(self, n: int) -> None: ...
+
 
 @dataclass
 class TrainResult:
@@ -104,8 +108,10 @@ def _resolve_workers(requested: int, device) -> int:
     if requested >= 0:
         return requested
     cpus = os.cpu_count() or 1
-    # On a GPU the CPU only feeds it; on a CPU box the model needs the cores, one worker overlaps decoding.
-    return min(8, cpus) if device.type == "cuda" else (1 if cpus >= 2 else 0)
+    # On a GPU the CPU only feeds it. On a CPU box the model needs every core: worker processes fight it for
+    # them (measured here, 2 cores, ResNet50: 1 worker 7.4 images/s, none 16.3), and the RAM cache already
+    # took decoding off the training loop.
+    return min(8, cpus) if device.type == "cuda" else 0
 
 
 def _seed_everything(seed: int) -> None:
@@ -223,6 +229,14 @@ class _Run:
         self.val_loader = build_loader(
             val_part, batch_size=max(cfg.batch_size, 32), shuffle=False, workers=self.workers, pin_memory=pin
         )
+
+    def fill_caches(self) -> None:
+        datasets = [ds for ds in (self.train_ds, self.val_ds) if ds.cache is not None]
+        if not datasets:
+            return
+        self.cb.on_prepare("decoding into RAM cache", sum(len(ds) for ds in datasets))
+        for ds in datasets:
+            ds.fill_cache(threads=min(8, os.cpu_count() or 1), on_progress=self.cb.on_prepare_advance)
 
     def build_model(self) -> None:
         import torch
@@ -471,6 +485,7 @@ def train(cfg: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainRes
             "start_epoch": run.start_epoch,
         }
     )
+    run.fill_caches()
     started = time.perf_counter()
     stopped_early = False
     for epoch in range(run.start_epoch, cfg.epochs):
