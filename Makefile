@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 # A short end-to-end run: real photos when ../shared/data/catdog is there, else a small drawn dataset.
 demo: install
 	@set -e; \
-	if [ -d "$(SHARED_DATA)/train" ]; then data="$(SHARED_DATA)"; limits="--train-limit 240 --val-limit 100"; \
-	else data="data/demo-synthetic"; limits=""; [ -d "$$data" ] || $(CATDOG) data synth "$$data"; fi; \
+	if [ -d "$(SHARED_DATA)/train" ]; then data="$(SHARED_DATA)"; \
+		run="--epochs 2 --image-size 128 --train-limit 240 --val-limit 100"; \
+	else data="data/demo-synthetic"; run="--epochs 4 --image-size 64 --lr 1e-3"; \
+		[ -d "$$data" ] || $(CATDOG) data synth "$$data" --per-class 100 --image-size 96; fi; \
 	echo "== catdog train on $$data"; \
-	$(CATDOG) train --data "$$data" --epochs 2 --arch resnet18 --image-size 128 --pretrained none \
-		--output $(DEMO_OUT) --overwrite $$limits; \
+	$(CATDOG) train --data "$$data" --arch resnet18 --pretrained none --output $(DEMO_OUT) --overwrite $$run; \
 	echo "== catdog eval"; \
 	$(CATDOG) eval --checkpoint $(DEMO_OUT)/best.pt --data "$$data" --plot $(DEMO_OUT)/eval_confusion_matrix.png
 

@@ -63,7 +63,7 @@ def check(
 @user_errors
 def synth(
     root: Annotated[Path, typer.Argument(help="Folder to write train/ and val/ into.")],
-    per_class: Annotated[int, typer.Option(help="Images per class (a quarter go to val).")] = 60,
+    per_class: Annotated[int, typer.Option(help="Images per class (a quarter go to val).")] = 100,
     image_size: Annotated[int, typer.Option(help="Side of each square image in pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
