@@ -53,4 +53,91 @@ def free_port() -> int:
 def catdog_env() -> dict:
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
+    env["COLUMNS"] = "250"  # rich tables would fold long temp paths at the default 80 columns
     return env
+
+
+def make_bad_inputs(folder: Path) -> dict[str, tuple[Path, str | None]]:
+    """Every awkward input the issue lists: name -> (path, None if it must predict, else an error fragment)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cases: dict[str, tuple[Path, str | None]] = {}
+    text = folder / "notes.jpg"
+    text.write_text("this is not an image")
+    cases["non-image"] = (text, "not an image")
+    good = save_image(folder / "good.jpg", size=(120, 90), color=(90, 120, 200))
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[:300])
+    cases["truncated jpeg"] = (truncated, "cannot decode")
+    empty = folder / "empty.jpg"
+    empty.write_bytes(b"")
+    cases["0-byte"] = (empty, "empty file")
+    cases["over pixel limit"] = (save_image(folder / "huge.png", size=(9000, 8000), mode="L", color=0), "pixel")
+    gif = folder / "anim.gif"
+    frames = [Image.new("RGB", (64, 64), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    cases["animated gif"] = (gif, None)
+    cases["rgba png"] = (save_image(folder / "rgba.png", mode="RGBA", color=(10, 200, 10, 128)), None)
+    cases["palette png"] = (save_image(folder / "pal.png", mode="P", color=5), None)
+    cases["grayscale png"] = (save_image(folder / "gray.png", mode="L", color=77), None)
+    deep = folder / "deep16.png"
+    Image.fromarray(np.full((48, 64), 40000, dtype=np.uint16)).save(deep)
+    cases["16-bit png"] = (deep, None)
+    cases["cmyk jpeg"] = (save_image(folder / "cmyk.jpg", mode="CMYK", color=(0, 200, 200, 0)), None)
+    rotated = folder / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (80, 60), (200, 200, 0)).save(rotated, exif=exif)
+    cases["exif-rotated"] = (rotated, None)
+    cases["webp"] = (save_image(folder / "photo.webp", fmt="WEBP"), None)
+    return cases
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight resnet18 checkpoint (cat, dog) at 32 px: for tests about plumbing, not accuracy."""
+    import torch
+
+    from catdog_glm.vision.checkpoint import save_checkpoint
+    from catdog_glm.vision.model import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-ckpt") / "best.pt"
+    save_checkpoint(
+        path,
+        arch="resnet18",
+        classes=["cat", "dog"],
+        model_state=build_model("resnet18", 2).state_dict(),
+        image_size=32,
+        metrics={"best_acc": 0.5},
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(tmp_path_factory) -> Path:
+    """A resnet18 trained in this session on real photos (64 px, 2 epochs on 400 images); skips without them."""
+    if not (SHARED_CATDOG / "train").is_dir():
+        pytest.skip(f"real photos not found at {SHARED_CATDOG}")
+    from catdog_glm.config import TrainConfig
+    from catdog_glm.vision.trainer import train
+
+    out = tmp_path_factory.mktemp("real-ckpt")
+    train(
+        TrainConfig(
+            data=str(SHARED_CATDOG),
+            output=str(out),
+            arch="resnet18",
+            pretrained="none",
+            epochs=2,
+            image_size=64,
+            train_limit=400,
+            tracker="none",
+            progress=False,
+            patience=0,
+            lr=1e-3,
+        )
+    )
+    return out / "best.pt"

@@ -50,7 +50,7 @@ def test_every_option_has_help_text(command):
     assert lines and all(len(ln.split()) > 3 for ln in lines), lines
 
 
-@pytest.mark.parametrize("name", ["predict", "serve-classifier", "serve-chat", "chat"])
+@pytest.mark.parametrize("name", ["serve-chat", "chat"])
 def test_later_commands_answer_without_crashing(name):
     out = run(name)
     assert out.returncode == 2

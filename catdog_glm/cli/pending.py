@@ -9,16 +9,6 @@ def _not_yet(what: str):
     return fail(f"`catdog {what}` is not implemented yet in this version of catdog-glm", code=2)
 
 
-def predict() -> None:
-    """Predict the class of images with a trained checkpoint (not implemented yet)."""
-    raise _not_yet("predict")
-
-
-def serve_classifier() -> None:
-    """Serve a trained classifier as a Gradio page and JSON API (not implemented yet)."""
-    raise _not_yet("serve-classifier")
-
-
 def chat() -> None:
     """Chat with ChatGLM3 or another local model in the terminal (not implemented yet)."""
     raise _not_yet("chat")

@@ -261,3 +261,15 @@ def find_checkpoint(folder: str | Path, which: str = BEST_NAME) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise CheckpointError(f"no checkpoint found in {folder}; train one with `catdog train` or pass --checkpoint")
+
+
+def default_checkpoint(root: str | Path = "checkpoint") -> Path:
+    """The best checkpoint under `root`: root/best.pt, else the newest best.pt (then last.pt) below it."""
+    root = Path(root)
+    if (root / BEST_NAME).is_file():
+        return root / BEST_NAME
+    for name in (BEST_NAME, LAST_NAME, "latest_checkpoint.pth"):
+        found = sorted(root.rglob(name), key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []
+        if found:
+            return found[0]
+    raise CheckpointError(f"no checkpoint found under {root}/; train one with `catdog train` or pass --checkpoint PATH")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
+from typing import BinaryIO
 
 from catdog_glm.errors import ImageError
 
@@ -19,7 +21,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 _heif_registered = False
 
 
-def _register_heif() -> None:
+def register_heif() -> None:
     """Teach Pillow HEIC/HEIF (phone photos) once, when pillow-heif is installed."""
     global _heif_registered
     if _heif_registered:
@@ -62,25 +64,41 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def open_image(path: str | Path, *, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Open an image file as upright RGB.
+def open_image(
+    source: str | Path | bytes | BinaryIO,
+    *,
+    draft_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+):
+    """Open an image (a path, bytes or a binary file object) as upright RGB.
 
     `draft_size` lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding when the picture is at least
     twice that size on both sides: much less work for big photos, and the result is still >= draft_size.
-    Raises ImageError with the reason when the file cannot be decoded.
+    The pixel count is checked from the header, before any pixel is decoded.
+    Raises ImageError with the reason when the image cannot be decoded.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    _register_heif()
-    path = Path(path)
+    register_heif()
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    label = name or (str(source) if isinstance(source, (str, Path)) else "upload")
     try:
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as img:
+        if isinstance(source, (str, Path)):
+            source = Path(source)
+            if source.stat().st_size == 0:
+                raise ImageError(f"{label}: empty file (0 bytes)")
+        elif source.seek(0, io.SEEK_END) == 0:
+            raise ImageError(f"{label}: empty file (0 bytes)")
+        else:
+            source.seek(0)
+        with Image.open(source) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
-                    f"{path}: {width}x{height} pixels is over the limit of {max_pixels:,} (possible decompression bomb)"
+                    f"{label}: {width}x{height} pixels is over the limit of {max_pixels:,} "
+                    "(possible decompression bomb)"
                 )
             if draft_size and img.format == "JPEG":
                 img.draft(None, (draft_size, draft_size))
@@ -90,8 +108,10 @@ def open_image(path: str | Path, *, draft_size: int | None = None, max_pixels: i
     except ImageError:
         raise
     except FileNotFoundError as e:
-        raise ImageError(f"{path}: file not found") from e
+        raise ImageError(f"{label}: file not found") from e
+    except IsADirectoryError as e:
+        raise ImageError(f"{label}: is a folder, not an image") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{path}: not an image Pillow can read") from e
+        raise ImageError(f"{label}: not an image Pillow can read") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: cannot decode ({e})") from e
+        raise ImageError(f"{label}: cannot decode ({e})") from e

@@ -7,7 +7,6 @@ expensive one runs once: `load_resized` decodes and resizes to a uint8 tensor (w
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from catdog_glm.vision.images import open_image
@@ -30,9 +29,9 @@ def resize_to_uint8(img, image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_resized(path: str | Path, image_size: int) -> torch.Tensor:
-    """Decode a file (EXIF-upright RGB, JPEG draft decoding for big photos) and resize it -> uint8 CHW tensor."""
-    return resize_to_uint8(open_image(path, draft_size=image_size), image_size)
+def load_resized(source, image_size: int, **open_kwargs) -> torch.Tensor:
+    """Decode a file or bytes (EXIF-upright RGB, JPEG draft decoding for big photos), resize -> uint8 CHW tensor."""
+    return resize_to_uint8(open_image(source, draft_size=image_size, **open_kwargs), image_size)
 
 
 def normalize_batch(batch, mean=IMAGENET_MEAN, std=IMAGENET_STD):

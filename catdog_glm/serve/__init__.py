@@ -1,0 +1,1 @@
+"""Front ends: web pages and HTTP APIs over the library. No model logic lives here."""

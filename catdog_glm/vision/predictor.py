@@ -1,0 +1,205 @@
+"""One predictor for `catdog predict`, the Gradio page and the JSON API.
+
+It loads a checkpoint once and runs batched inference under `torch.inference_mode()` with channels_last and,
+where the hardware has native bf16, bf16 autocast. Preprocessing is `transforms.load_resized` +
+`normalize_batch`, the very functions training and evaluation use. Decoding the next batch (threads; Pillow
+releases the GIL) overlaps with the model working on the current one.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from catdog_glm.device import Precision, resolve_device, resolve_precision
+from catdog_glm.errors import ConfigError, ImageError
+from catdog_glm.vision.checkpoint import ClassifierCheckpoint, build_model_from_checkpoint, load_checkpoint
+from catdog_glm.vision.evaluate import run_model
+from catdog_glm.vision.images import DEFAULT_MAX_PIXELS, is_image_file
+from catdog_glm.vision.transforms import load_resized
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class Prediction:
+    """The result for one input: a label and class probabilities, or the reason it could not be read."""
+
+    file: str
+    label: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def top(self, k: int | None) -> dict[str, float]:
+        ranked = sorted(self.probabilities.items(), key=lambda kv: kv[1], reverse=True)
+        return dict(ranked[:k] if k else ranked)
+
+    def to_dict(self, top_k: int | None = None) -> dict:
+        if not self.ok:
+            return {"file": self.file, "error": self.error}
+        return {"file": self.file, "label": self.label, "probabilities": self.top(top_k)}
+
+
+class Predictor:
+    def __init__(
+        self,
+        checkpoint: ClassifierCheckpoint,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        source: str = "",
+    ):
+        import torch
+
+        if precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.checkpoint = checkpoint
+        self.source = source
+        self.classes = list(checkpoint.classes)
+        self.image_size = checkpoint.image_size
+        self.max_pixels = max_pixels
+        self.device = resolve_device(device)
+        if precision == "fp32":
+            self.precision = Precision(None, False)
+        elif precision == "bf16":
+            self.precision = Precision(torch.bfloat16, False)
+        else:
+            auto = resolve_precision(self.device, amp=True)
+            # fp16 without a GradScaler is fine for inference, but bf16 keeps fp32's range: prefer it.
+            self.precision = auto if auto.autocast_dtype in (None, torch.bfloat16) else Precision(None, False)
+        model = build_model_from_checkpoint(checkpoint).to(self.device)
+        self.model = model.to(memory_format=torch.channels_last)
+        self._lock = threading.Lock()  # one forward at a time: threads would only fight over the cores
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> Predictor:
+        return cls(load_checkpoint(path), source=str(path), **kwargs)
+
+    def info(self) -> dict:
+        metrics = self.checkpoint.metrics or {}
+        return {
+            "checkpoint": self.source,
+            "arch": self.checkpoint.arch,
+            "classes": self.classes,
+            "image_size": self.image_size,
+            "val_acc": metrics.get("best_acc", metrics.get("val_acc")),
+            "device": str(self.device),
+            "precision": self.precision.name,
+        }
+
+    # ---- the three steps: decode, forward, label ------------------------------------------------------------
+    def load(self, source, name: str | None = None) -> torch.Tensor:
+        """A path, bytes or file object -> uint8 CHW tensor, exactly as training preprocesses it."""
+        return load_resized(source, self.image_size, max_pixels=self.max_pixels, name=name)
+
+    def probabilities(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with self._lock, torch.inference_mode():
+            logits = run_model(
+                self.model,
+                batch_uint8,
+                self.device,
+                self.precision,
+                channels_last=True,
+                mean=self.checkpoint.mean,
+                std=self.checkpoint.std,
+            )
+            return logits.softmax(1).cpu()
+
+    def _label(self, name: str, probs) -> Prediction:
+        values = [float(p) for p in probs]
+        best = max(range(len(values)), key=values.__getitem__)
+        return Prediction(
+            file=name, label=self.classes[best], probabilities=dict(zip(self.classes, values, strict=True))
+        )
+
+    # ---- conveniences ---------------------------------------------------------------------------------------
+    def predict_sources(self, sources: list, names: list[str] | None = None) -> list[Prediction]:
+        """Predict a batch of paths/bytes; an unreadable item gets its error, the others their labels."""
+        import torch
+
+        names = names or [str(s) if isinstance(s, (str, Path)) else f"upload {i}" for i, s in enumerate(sources)]
+        tensors, results = [], []
+        for source, name in zip(sources, names, strict=True):
+            try:
+                tensors.append(self.load(source, name=name))
+                results.append(None)
+            except ImageError as e:
+                results.append(Prediction(file=name, error=str(e)))
+        if tensors:
+            probs = iter(self.probabilities(torch.stack(tensors)))
+            results = [r if r is not None else self._label(n, next(probs)) for r, n in zip(results, names, strict=True)]
+        return results
+
+    def predict_files(
+        self, paths: Iterable[str | Path], *, batch_size: int = 32, on_progress: Callable[[int], None] | None = None
+    ) -> Iterator[Prediction]:
+        """Predict many files in batches, decoding batch i+1 in threads while the model runs batch i."""
+        import torch
+
+        paths = [str(p) for p in paths]
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+        batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+
+        def decode(path: str):
+            try:
+                return self.load(path, name=path), None
+            except ImageError as e:
+                return None, str(e)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending = [pool.submit(decode, p) for p in batches[0]] if batches else []
+            for i, batch in enumerate(batches):
+                decoded = [f.result() for f in pending]
+                pending = [pool.submit(decode, p) for p in batches[i + 1]] if i + 1 < len(batches) else []
+                good = [t for t, _ in decoded if t is not None]
+                probs = iter(self.probabilities(torch.stack(good))) if good else iter(())
+                for path, (tensor, error) in zip(batch, decoded, strict=True):
+                    yield self._label(path, next(probs)) if tensor is not None else Prediction(file=path, error=error)
+                if on_progress:
+                    on_progress(len(batch))
+
+
+def resolve_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[Prediction]]:
+    """Files, folders (searched recursively for images) and glob patterns -> image paths, plus misses as errors."""
+    found: list[Path] = []
+    missing: list[Prediction] = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+        elif path.exists():
+            found.append(path)
+        elif glob.has_magic(raw):
+            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+            files = [m for m in matches if m.is_file()]
+            if files:
+                found += files
+            else:
+                missing.append(Prediction(file=raw, error=f"{raw}: no file matches this pattern"))
+        else:
+            missing.append(Prediction(file=raw, error=f"{raw}: file not found"))
+    seen, unique = set(), []
+    for p in found:  # a file named twice is predicted once
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    return unique, missing
