@@ -92,6 +92,13 @@ def make_bad_inputs(folder: Path) -> dict[str, tuple[Path, str | None]]:
     Image.new("RGB", (80, 60), (200, 200, 0)).save(rotated, exif=exif)
     cases["exif-rotated"] = (rotated, None)
     cases["webp"] = (save_image(folder / "photo.webp", fmt="WEBP"), None)
+    try:  # phone photos: pillow-heif both writes and reads HEIC where its wheel has the codecs
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+        cases["heic"] = (save_image(folder / "phone.heic", size=(90, 120), fmt="HEIF"), None)
+    except (ImportError, OSError, KeyError, ValueError):
+        pass
     return cases
 
 
