@@ -35,6 +35,7 @@ class TrainConfig:
     channels_last: bool = True
     schedule: str = "cosine"  # cosine LR decay over the run, or constant as in the book
     patience: int = 5  # early stopping: epochs without a better val accuracy; 0 = off
+    int8: bool = True  # at the end: calibrate int8 and record fp32/bf16/int8 val accuracy for fast CPU inference
     # --- bookkeeping ---
     output: str = "checkpoint"
     seed: int = 42

@@ -42,7 +42,7 @@ def test_help_lists_every_subcommand_and_is_fast():
     assert probe.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "data check", "data synth"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "serve-classifier", "data check", "data synth"])
 def test_every_option_has_help_text(command):
     out = run(*command.split(), "--help")
     assert out.returncode == 0

@@ -84,3 +84,32 @@ def test_checkpoint_metadata_reaches_info(tiny_checkpoint):
     info = Predictor.from_checkpoint(tiny_checkpoint, device="cpu").info()
     assert info["arch"] == "resnet18" and info["classes"] == ["cat", "dog"] and info["val_acc"] == 0.5
     assert load_checkpoint(tiny_checkpoint).image_size == info["image_size"] == 32
+
+
+def test_precision_choice_follows_the_checkpoints_own_validation(tiny_checkpoint, synthetic_data):
+    import dataclasses
+
+    from catdog_glm.device import cpu_supports_bf16
+    from catdog_glm.errors import ConfigError
+    from catdog_glm.vision.quantize import int8_supported
+
+    base = load_checkpoint(tiny_checkpoint)
+    with pytest.raises(ConfigError, match="calibration images"):
+        Predictor(base, device="cpu", precision="int8")
+    calibration = torch.stack(
+        [Predictor(base, device="cpu").load(s.path) for s in discover(synthetic_data).split("train")]
+    )
+    good = {"val_acc_fp32": 0.90, "val_acc_bf16": 0.898, "val_acc_int8": 0.896}
+    ckpt = dataclasses.replace(base, calibration=calibration, metrics=good)
+    expected = "int8" if int8_supported() else ("bf16" if cpu_supports_bf16() else "fp32")
+    assert Predictor(ckpt, device="cpu").mode == expected
+    worse_int8 = dataclasses.replace(ckpt, metrics={**good, "val_acc_int8": 0.88})  # 2 points lower: not used
+    assert Predictor(worse_int8, device="cpu").mode == ("bf16" if cpu_supports_bf16() else "fp32")
+    worse_bf16 = dataclasses.replace(ckpt, metrics={**good, "val_acc_int8": 0.8, "val_acc_bf16": 0.88})
+    assert Predictor(worse_bf16, device="cpu").mode == "fp32"
+    if int8_supported():  # int8 predictions are real predictions of the same model
+        int8 = Predictor(ckpt, device="cpu", precision="int8")
+        fp32 = Predictor(ckpt, device="cpu", precision="fp32")
+        paths = [s.path for s in discover(synthetic_data).split("val")]
+        for a, b in zip(int8.predict_files(paths), fp32.predict_files(paths), strict=True):
+            assert a.probabilities["cat"] == pytest.approx(b.probabilities["cat"], abs=0.1)

@@ -48,7 +48,10 @@ def test_a_run_leaves_checkpoints_config_results_and_pictures(synthetic_data, tm
     assert best.config["epochs"] == 2 and "val_acc" in best.metrics
     assert 0 <= result.test_acc <= 1 and result.images_per_s > 0
     assert "training_state" in load_checkpoint(out / "last.pt").raw
-    assert "training_state" not in best.raw  # best.pt stays small: weights and metadata only
+    assert "training_state" not in best.raw  # best.pt stays small: weights, metadata, calibration images
+    assert best.calibration.shape == (24, 3, 32, 32)  # all 24 training images of this tiny set (max 32)
+    assert {"val_acc_fp32", "val_acc_int8"} <= best.metrics.keys() == {*best.metrics} | {*result.inference_accuracy}
+    assert all(0 <= v <= 1 for v in result.inference_accuracy.values())
 
 
 def test_corrupt_files_are_skipped_and_listed(synthetic_data, tmp_path):

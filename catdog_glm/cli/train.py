@@ -108,6 +108,11 @@ def _summary(result) -> Table:
     table.add_row("epochs", f"{result.epochs_run}" + (" (early stop)" if result.stopped_early else ""))
     table.add_row("best val accuracy", f"{result.best_acc:.2%} (epoch {result.best_epoch})")
     table.add_row("test_acc / test_loss", f"{result.test_acc:.2%} / {result.test_loss:.4f}")
+    if result.inference_accuracy:
+        table.add_row(
+            "CPU inference val acc",
+            " · ".join(f"{k.removeprefix('val_acc_')} {v:.2%}" for k, v in result.inference_accuracy.items()),
+        )
     table.add_row("training speed", f"{result.images_per_s:.1f} images/s (median epoch)")
     table.add_row("wall time", f"{result.seconds:.0f} s")
     table.add_row("checkpoints", f"{result.best_path}\n{result.last_path}")

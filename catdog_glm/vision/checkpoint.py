@@ -43,6 +43,7 @@ class ClassifierCheckpoint:
     metrics: dict = field(default_factory=dict)
     epoch: int = 0
     source: str = "catdog"  # or "bare-state-dict"
+    calibration: Any = None  # uint8 (N, 3, S, S) training images for int8 calibration, when recorded
     raw: dict = field(default_factory=dict, repr=False)
 
 
@@ -135,6 +136,18 @@ def save_checkpoint(
     save_atomic(payload, path)
 
 
+def update_checkpoint(path: str | Path, *, metrics: dict | None = None, calibration=None) -> None:
+    """Add metrics (merged) and calibration images to an existing catdog checkpoint, atomically."""
+    path = Path(path)
+    obj = _torch_load(path)
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
+        raise CheckpointError(f"{path} is not a catdog checkpoint")
+    obj["metrics"] = {**obj.get("metrics", {}), **(metrics or {})}
+    if calibration is not None:
+        obj["calibration"] = calibration
+    save_atomic(obj, path)
+
+
 def _torch_load(path: Path) -> Any:
     import torch
 
@@ -217,6 +230,7 @@ def load_checkpoint(path: str | Path) -> ClassifierCheckpoint:
             config=obj.get("config", {}),
             metrics=obj.get("metrics", {}),
             epoch=int(obj.get("epoch", 0)),
+            calibration=obj.get("calibration"),
             source="catdog",
             raw=obj,
         )

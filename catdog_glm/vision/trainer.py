@@ -26,6 +26,7 @@ from catdog_glm.vision.evaluate import EvalResult, evaluate, run_model
 from catdog_glm.vision.loader import ImageDataset, build_loader, cache_bytes, cache_fits
 from catdog_glm.vision.model import build_model, load_pretrained, prepare_for_device
 from catdog_glm.vision.plots import plot_confusion_matrix, plot_results
+from catdog_glm.vision.quantize import CALIBRATION_IMAGES, fold_batchnorm, int8_supported, quantize_int8
 from catdog_glm.vision.tracking import build_tracker
 from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD, build_augment
 
@@ -74,6 +75,7 @@ class TrainResult:
     corrupt_files: list[str] = field(default_factory=list)
     swanlab_logdir: Path | None = None
     confusion_matrix: list[list[int]] = field(default_factory=list)
+    inference_accuracy: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -392,10 +394,10 @@ class _Run:
             self.model.load_state_dict(best.model_state)
         result, predictions = self.validate(keep_predictions=True)
         corrupt = sorted(set(self.train_ds.corrupt_files()) | set(self.val_ds.corrupt_files()))
+        inference: dict[str, float] = {}
         if self.dist.main:
             self.tracker.log({"test_acc": result.accuracy, "test_loss": result.loss}, step=self.step)
             self.log_val_images(predictions)
-            self.tracker.finish()
             plot_confusion_matrix(
                 result.confusion,
                 self.classes,
@@ -404,6 +406,11 @@ class _Run:
             )
             if self.history:
                 plot_results(self.history, self.output / "results.png")
+            if self.cfg.int8 and best is not None:
+                inference, calibration = self.inference_accuracy()
+                self.tracker.log(inference, step=self.step)
+                ckpt_io.update_checkpoint(self.best_path, metrics=inference, calibration=calibration)
+            self.tracker.finish()
         speeds = [r["images_per_s"] for r in self.history]
         return TrainResult(
             output=self.output,
@@ -421,8 +428,52 @@ class _Run:
             history=self.history,
             corrupt_files=corrupt,
             swanlab_logdir=self.tracker.logdir,
+            inference_accuracy=inference,
             confusion_matrix=result.confusion.tolist(),
         )
+
+    def calibration_images(self):
+        """Up to CALIBRATION_IMAGES readable training images (uint8), a seeded class-balanced pick."""
+        import torch
+
+        from catdog_glm.vision.data import subsample
+
+        wanted = {s.path for s in subsample(self.train_ds.samples, CALIBRATION_IMAGES, self.cfg.seed)}
+        images = [self.train_ds.load(i) for i, s in enumerate(self.train_ds.samples) if s.path in wanted]
+        images = [im for im in images if im is not None]
+        return torch.stack(images).clone() if images else None
+
+    def inference_accuracy(self):
+        """Validation accuracy of the best model on the CPU in fp32, bf16 (native only) and int8.
+
+        Predictors use bf16 and int8 by default only where these stay within half a point of fp32.
+        """
+        import torch
+
+        from catdog_glm.device import cpu_supports_bf16
+
+        cpu = torch.device("cpu")
+        model = fold_batchnorm(self.model.cpu().eval())
+        loader = build_loader(self.val_ds, batch_size=32, shuffle=False, workers=0)
+
+        def accuracy(m, precision: Precision, channels_last: bool = True) -> float:
+            return evaluate(
+                m, loader, classes=self.classes, device=cpu, precision=precision, channels_last=channels_last
+            ).accuracy
+
+        self.cb.on_message("checking fp32 / bf16 / int8 validation accuracy on the CPU")
+        metrics = {"val_acc_fp32": accuracy(model, Precision(None, False))}
+        if cpu_supports_bf16():
+            metrics["val_acc_bf16"] = accuracy(model, Precision(torch.bfloat16, False))
+        calibration = self.calibration_images()
+        if calibration is not None and int8_supported():
+            try:
+                quantized = quantize_int8(self.model, calibration, IMAGENET_MEAN, IMAGENET_STD)
+                metrics["val_acc_int8"] = accuracy(quantized, Precision(None, False), channels_last=False)
+            except Exception as e:  # an architecture FX cannot quantize keeps fp32/bf16
+                log.warning("int8 quantization of %s failed (%s); int8 inference is off for it", self.cfg.arch, e)
+        self.model.to(self.device)
+        return metrics, calibration
 
     def log_val_images(self, predictions) -> None:
         from torchvision.transforms.functional import to_pil_image
