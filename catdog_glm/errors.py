@@ -23,3 +23,7 @@ class ConfigError(CatdogError):
 
 class WeightsUnavailableError(CatdogError):
     """Pretrained weights are not in the local cache and cannot be downloaded."""
+
+
+class ModelError(CatdogError):
+    """A chat model folder or file is missing, incomplete, unsafe or of an unknown kind."""

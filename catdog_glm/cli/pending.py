@@ -9,11 +9,6 @@ def _not_yet(what: str):
     return fail(f"`catdog {what}` is not implemented yet in this version of catdog-glm", code=2)
 
 
-def chat() -> None:
-    """Chat with ChatGLM3 or another local model in the terminal (not implemented yet)."""
-    raise _not_yet("chat")
-
-
 def serve_chat() -> None:
     """Serve a chat model as a Gradio page and an OpenAI-compatible HTTP API (not implemented yet)."""
     raise _not_yet("serve-chat")

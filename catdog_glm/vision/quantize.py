@@ -33,15 +33,19 @@ def fold_batchnorm(model):
 
 
 def int8_supported() -> bool:
+    """torch's x86 int8 kernels are there (torch flags torch.ao.quantization for removal in a later release)."""
     import torch
 
+    try:
+        import torch.ao.quantization.quantize_fx  # noqa: F401
+    except ImportError:
+        return False
     return "x86" in torch.backends.quantized.supported_engines
 
 
 def quantize_int8(model, calibration_uint8: torch.Tensor, mean, std):
     """Static int8 quantization (per-channel weights, calibrated activations) for torch's x86 CPU kernels."""
     import torch
-
 
     torch.backends.quantized.engine = "x86"
     # torch flags these APIs as deprecated in favour of torchao; they are still its shipped x86 int8 kernels.

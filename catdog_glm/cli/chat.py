@@ -1,0 +1,127 @@
+"""`catdog chat`: a terminal chat over the ChatEngine; also scriptable through a pipe."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from catdog_glm.cli._common import err_console, user_errors
+
+HELP = "Commands: /clear (forget the conversation), /system TEXT (set the system prompt), /exit"
+
+
+def load_engine(model, quantize, dtype, device, trust_remote_code):
+    """Load a chat model with a progress line and return a ChatEngine (shared with serve-chat)."""
+    from catdog_glm.chat.engine import ChatEngine
+    from catdog_glm.chat.loading import load_chat_model
+
+    with err_console.status(f"loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ..."):
+        chat_model = load_chat_model(
+            model, dtype=dtype, device=device, quantize=quantize, trust_remote_code=trust_remote_code
+        )
+    engine = ChatEngine(chat_model)
+    i = engine.info()
+    err_console.print(
+        f"[bold]{i['name']}[/] · {i['kind']} · {i['parameters'] / 1e6:.0f}M parameters · {i['dtype']} · "
+        f"{i['device']} · quantization {i['quantization']} · context {i['context_window']} · "
+        f"loaded in {chat_model.load_seconds:.1f} s",
+        highlight=False,
+    )
+    return engine
+
+
+@user_errors
+def chat(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="ChatGLM3 folder, Hugging Face model folder or .gguf file "
+            "(default: the embedded SmolLM2-135M-Instruct)."
+        ),
+    ] = None,
+    quantize: Annotated[
+        int | None, typer.Option(help="Weight-only quantization of the transformer blocks: 4 or 8.")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 means greedy.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling probability mass.")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = off).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 512,
+    max_length: Annotated[int | None, typer.Option(help="ChatGLM-style limit on prompt + reply tokens.")] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalty for repeating tokens (1.0 = off).")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Run Python code shipped in the model folder (off: never needed for ChatGLM3)."
+        ),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
+) -> None:
+    """Chat in the terminal: streamed replies, multi-turn history, /clear, /system TEXT, /exit.
+
+    Example: printf 'What is the capital of France?\\n' | catdog chat --temperature 0
+    """
+    engine = load_engine(model, quantize, dtype, device, trust_remote_code)
+    sampling = dict(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err_console.print(HELP)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("\nYou: ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and line == "":
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/clear":
+            history.clear()
+            err_console.print("(conversation cleared)")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system") :].strip() or None
+            err_console.print(f"(system prompt {'set' if system else 'cleared'})")
+            continue
+        if line.startswith("/"):
+            err_console.print(f"unknown command {line.split()[0]}. {HELP}")
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages.append({"role": "user", "content": line})
+        generation = engine.stream(messages, **sampling)
+        if interactive:
+            sys.stdout.write("Assistant: ")
+        try:
+            for piece in generation:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            generation.cancel()
+            err_console.print("\n(stopped)")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        reply = generation.reply
+        if reply is None:
+            continue
+        if reply.truncated_messages:
+            err_console.print(
+                f"(the {reply.truncated_messages} oldest message(s) no longer fit the context window and were left out)"
+            )
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply.text}]
