@@ -44,6 +44,7 @@ test: install lint
 bench: install
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_predict.py
+	$(PY) benchmarks/bench_chat.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(DEMO_OUT) data/demo-synthetic
