@@ -17,6 +17,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = [{"role": "user", "content": "Write a short paragraph about why cats and dogs make good pets."}]
+QUALITY_PROMPTS = [
+    "What is the capital of France?",
+    "Name three colours of the rainbow.",
+    "Explain in one sentence what a neural network is.",
+    "Write a haiku about the sea.",
+    "How many legs does a spider have?",
+    "Give me a tip for learning Python.",
+    "What do cats like to eat?",
+    "Translate 'good morning' into French.",
+]
 
 CHILD = r"""
 import json, resource, sys, time
@@ -54,8 +64,23 @@ else:
     ttft = (first or time.perf_counter()) - t
     decode = (n - 1) / max(total - ttft, 1e-9)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from catdog_glm.chat.quantize import greedy_agreement, weight_bytes
+weights = weight_bytes(chat.model)
+agreement = None
+if mode in ("int8", "int4"):  # quality: greedy next-token agreement with the unquantized model
+    from catdog_glm.chat.engine import ChatEngine
+    reference = ChatEngine(load_chat_model(None))
+    prompts = [[{"role": "user", "content": q}] for q in json.loads(sys.argv[5])]
+    sequences, starts = [], []
+    for p in prompts:
+        ids = reference.model.encode_chat(p)
+        reply = reference.chat(p, temperature=0, max_new_tokens=32)
+        cont = reference.model.encode_chat(p + [{"role": "assistant", "content": reply.text}])
+        sequences.append(cont)
+        starts.append(len(ids))
+    agreement = greedy_agreement(reference.model.model, chat.model, sequences, starts)
 print(json.dumps({"mode": mode, "load_s": load_s, "ttft_ms": ttft * 1e3, "decode_tps": decode, "tokens": n,
-                  "peak_rss_mib": rss}))
+                  "peak_rss_mib": rss, "weight_mib": weights / 2**20, "agreement": agreement}))
 """
 
 
@@ -66,7 +91,16 @@ def main() -> None:
     results = []
     for mode in ("generate", "bf16", "int8", "int4"):
         done = subprocess.run(
-            [sys.executable, "-c", CHILD, str(REPO), mode, str(args.new_tokens), json.dumps(PROMPT)],
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(REPO),
+                mode,
+                str(args.new_tokens),
+                json.dumps(PROMPT),
+                json.dumps(QUALITY_PROMPTS),
+            ],
             capture_output=True,
             text=True,
         )
@@ -75,7 +109,10 @@ def main() -> None:
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"bench_chat: SmolLM2-135M-Instruct (embedded GGUF), greedy, {args.new_tokens} new tokens")
-    print(f"{'configuration':28s} {'load s':>7s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'peak RSS MiB':>13s}")
+    print(
+        f"{'configuration':28s} {'load s':>7s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'peak RSS MiB':>13s} "
+        f"{'weights MiB':>12s} {'agreement':>10s}"
+    )
     names = {
         "generate": "transformers generate() bf16",
         "bf16": "catdog engine bf16",
@@ -83,15 +120,20 @@ def main() -> None:
         "int4": "catdog engine int4",
     }
     for r in results:
+        agreement = f"{r['agreement']:.1%}" if r["agreement"] is not None else "-"
         print(
             f"{names[r['mode']]:28s} {r['load_s']:7.1f} {r['ttft_ms']:8.0f} {r['decode_tps']:13.1f} "
-            f"{r['peak_rss_mib']:13.0f}"
+            f"{r['peak_rss_mib']:13.0f} {r['weight_mib']:12.0f} {agreement:>10s}"
         )
     base = next((r for r in results if r["mode"] == "generate"), None)
+    bf16 = next((r for r in results if r["mode"] == "bf16"), None)
     if base:
         for r in results:
             if r is not base:
-                print(f"ratio {names[r['mode']]:22s} decode {r['decode_tps'] / base['decode_tps']:.2f}x vs generate()")
+                print(
+                    f"ratio {names[r['mode']]:22s} decode {r['decode_tps'] / base['decode_tps']:.2f}x vs generate()"
+                    + (f", weights {r['weight_mib'] / bf16['weight_mib']:.2f}x of bf16" if bf16 else "")
+                )
 
 
 if __name__ == "__main__":

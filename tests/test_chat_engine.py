@@ -28,13 +28,6 @@ def test_embedded_model_answers_paris(engine):
     assert engine.info()["kind"] == "embedded" and engine.info()["parameters"] > 100e6
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_models_still_answer_paris(bits):
-    quantized = ChatEngine(load_chat_model(None, quantize=bits))
-    assert quantized.info()["quantization"] == f"int{bits} weight-only"
-    assert "Paris" in quantized.chat(QUESTION, temperature=0, max_new_tokens=30).text
-
-
 def test_streaming_gives_the_same_text(engine):
     generation = engine.stream(QUESTION, temperature=0, max_new_tokens=30)
     pieces = list(generation)
@@ -113,3 +106,28 @@ def test_catdog_chat_reads_piped_turns():
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(lines) == 2 and "Paris" in lines[0] and "Berlin" in lines[1]
     assert "SmolLM2" in done.stderr
+
+
+@pytest.mark.parametrize(("bits", "max_ratio", "min_agreement"), [(8, 0.55, 0.9), (4, 0.4, 0.85)])
+def test_quantized_models_are_smaller_agree_and_still_answer_paris(engine, bits, max_ratio, min_agreement):
+    from catdog_glm.chat.quantize import greedy_agreement, weight_bytes
+
+    prompts = [
+        [{"role": "user", "content": q}]
+        for q in (
+            "What is the capital of France?",
+            "Write a haiku about the sea.",
+            "How many legs does a spider have?",
+            "Give me a tip for learning Python.",
+        )
+    ]
+    sequences, starts = [], []
+    for p in prompts:
+        reply = engine.chat(p, temperature=0, max_new_tokens=24)
+        sequences.append(engine.model.encode_chat([*p, {"role": "assistant", "content": reply.text}]))
+        starts.append(len(engine.model.encode_chat(p)))
+    quantized = load_chat_model(None, quantize=bits)
+    assert quantized.quantization == f"int{bits} weight-only"
+    assert weight_bytes(quantized.model) <= max_ratio * weight_bytes(engine.model.model)
+    assert greedy_agreement(engine.model.model, quantized.model, sequences, starts) >= min_agreement
+    assert "Paris" in ChatEngine(quantized).chat(QUESTION, temperature=0, max_new_tokens=30).text

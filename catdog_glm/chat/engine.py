@@ -120,6 +120,7 @@ class ChatEngine:
             "device": str(m.device),
             "quantization": m.quantization,
             "context_window": m.context_window,
+            "weight_mib": round(m.info.get("weight_bytes", 0) / 2**20, 1),
         }
 
     # ---- internals ------------------------------------------------------------------------------------------------

@@ -181,5 +181,8 @@ def load_chat_model(  # noqa: C901 - one branch per model source
 
         quantize_linear_layers(chat.model, bits=quantize)
         chat.quantization = f"int{quantize} weight-only"
+    from catdog_glm.chat.quantize import weight_bytes
+
+    chat.info["weight_bytes"] = weight_bytes(chat.model)
     chat.load_seconds = time.perf_counter() - started
     return chat

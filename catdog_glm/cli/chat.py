@@ -14,18 +14,32 @@ HELP = "Commands: /clear (forget the conversation), /system TEXT (set the system
 
 def load_engine(model, quantize, dtype, device, trust_remote_code):
     """Load a chat model with a progress line and return a ChatEngine (shared with serve-chat)."""
+    from rich.progress import Progress
+
     from catdog_glm.chat.engine import ChatEngine
     from catdog_glm.chat.loading import load_chat_model
 
-    with err_console.status(f"loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ..."):
+    label = model or "the embedded default model (SmolLM2-135M-Instruct)"
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task(f"loading {label}", total=None)  # becomes a bar once shards are counted
+
+        def on_shard(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, description=f"loading {label} (shard {done}/{total})")
+
         chat_model = load_chat_model(
-            model, dtype=dtype, device=device, quantize=quantize, trust_remote_code=trust_remote_code
+            model,
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+            trust_remote_code=trust_remote_code,
+            on_progress=on_shard,
         )
     engine = ChatEngine(chat_model)
     i = engine.info()
     err_console.print(
         f"[bold]{i['name']}[/] · {i['kind']} · {i['parameters'] / 1e6:.0f}M parameters · {i['dtype']} · "
-        f"{i['device']} · quantization {i['quantization']} · context {i['context_window']} · "
+        f"{i['device']} · quantization {i['quantization']} · weights {i['weight_mib']:.0f} MiB · "
+        f"context {i['context_window']} · "
         f"loaded in {chat_model.load_seconds:.1f} s",
         highlight=False,
     )
