@@ -17,15 +17,19 @@ requires_shared_data = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
-    """Keep torch hub, SwanLab and matplotlib state out of the user's home."""
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory):
+    """Keep torch hub, SwanLab, matplotlib and the model cache out of the user's home, for the whole session
+    (session- and module-scoped fixtures load models before any function-scoped fixture could run)."""
     home = tmp_path_factory.getbasetemp() / "home"
     home.mkdir(exist_ok=True)
-    monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
-    monkeypatch.setenv("SWANLAB_ROOT", str(home / "swanlab"))
-    monkeypatch.setenv("MPLCONFIGDIR", str(home / "mpl"))
-    monkeypatch.setenv("SWANLAB_MODE", "local")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(home / "torch"))
+        mp.setenv("SWANLAB_ROOT", str(home / "swanlab"))
+        mp.setenv("MPLCONFIGDIR", str(home / "mpl"))
+        mp.setenv("SWANLAB_MODE", "local")
+        mp.setenv("CATDOG_CACHE_DIR", str(home / "catdog-cache"))
+        yield
 
 
 def save_image(path: Path, size=(64, 48), color=(200, 40, 40), mode="RGB", fmt=None, **save_kwargs) -> Path:

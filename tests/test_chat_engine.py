@@ -28,6 +28,19 @@ def test_embedded_model_answers_paris(engine):
     assert engine.info()["kind"] == "embedded" and engine.info()["parameters"] > 100e6
 
 
+def test_gguf_conversion_is_cached(engine):
+    from catdog_glm.chat.loading import cache_dir
+
+    [cached] = list((cache_dir() / "gguf").iterdir())
+    assert (cached / "model.safetensors").is_file()
+    again = load_chat_model(None)
+    assert again.load_seconds < engine.model.load_seconds / 2  # no second GGUF conversion
+    assert (
+        ChatEngine(again).chat(QUESTION, temperature=0, max_new_tokens=30).text
+        == engine.chat(QUESTION, temperature=0, max_new_tokens=30).text
+    )
+
+
 def test_streaming_gives_the_same_text(engine):
     generation = engine.stream(QUESTION, temperature=0, max_new_tokens=30)
     pieces = list(generation)

@@ -115,6 +115,55 @@ def _chatglm3_adapter(model, tokenizer, source: str) -> ChatModel:
     )
 
 
+def cache_dir() -> Path:
+    """Where converted models are kept: $CATDOG_CACHE_DIR, else $XDG_CACHE_HOME/catdog-glm (~/.cache/catdog-glm)."""
+    root = os.environ.get("CATDOG_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(root) / ("" if os.environ.get("CATDOG_CACHE_DIR") else "catdog-glm")
+
+
+def _load_gguf(path: Path, torch_dtype):
+    """Tokenizer and model from a GGUF file. transformers dequantizes GGUF tensors in Python (about 14 s for the
+    embedded model here), so the result is kept as a safetensors folder and later loads take about a second."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{torch_dtype}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(cached))
+            return tokenizer, AutoModelForCausalLM.from_pretrained(str(cached), dtype=torch_dtype)
+        except (OSError, ValueError) as e:
+            log.warning("ignoring a damaged conversion cache at %s (%s)", cached, e)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+    except ImportError as e:
+        raise ModelError(f"loading GGUF files needs the `gguf` package ({e}); run `make install`") from e
+    try:  # write to a temp folder and rename, so a killed process never leaves half a cache
+        import shutil
+        import tempfile
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_model
+
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+        # save_pretrained refuses GGUF-loaded models; the dequantized weights and a plain config are all we need
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        model.generation_config.save_pretrained(str(tmp))
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(tmp, cached)
+    except (OSError, ValueError) as e:  # a read-only or full disk only costs speed next time
+        log.info("could not cache the converted GGUF model (%s)", e)
+    return tokenizer, model
+
+
 def load_chat_model(  # noqa: C901 - one branch per model source
     spec: str | None = None,
     *,
@@ -144,13 +193,7 @@ def load_chat_model(  # noqa: C901 - one branch per model source
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{path} is a file but not a .gguf; pass a model folder or a GGUF file")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
-        except ImportError as e:
-            raise ModelError(f"loading GGUF files needs the `gguf` package ({e}); run `make install`") from e
+        tokenizer, model = _load_gguf(path, torch_dtype)
         kind = "embedded" if spec is None else "gguf"
         chat = _hf_adapter(tokenizer, model, path.stem, str(path), kind)
     elif is_chatglm3_folder(path):

@@ -15,10 +15,14 @@ HELP = "Commands: /clear (forget the conversation), /system TEXT (set the system
 def load_engine(model, quantize, dtype, device, trust_remote_code):
     """Load a chat model with a progress line and return a ChatEngine (shared with serve-chat)."""
     from rich.progress import Progress
+    from transformers.utils import logging as hf_logging
 
     from catdog_glm.chat.engine import ChatEngine
     from catdog_glm.chat.loading import load_chat_model
 
+    # our own progress line replaces transformers' per-tensor bars and notices
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     label = model or "the embedded default model (SmolLM2-135M-Instruct)"
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task(f"loading {label}", total=None)  # becomes a bar once shards are counted
