@@ -1,0 +1,84 @@
+"""`catdog serve-chat`: options -> one loaded model -> the Gradio page and the HTTP API on one port."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from catdog_glm.cli._common import console, user_errors
+
+
+@user_errors
+def serve_chat(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="ChatGLM3 folder, Hugging Face model folder or .gguf file "
+            "(default: the embedded SmolLM2-135M-Instruct)."
+        ),
+    ] = None,
+    quantize: Annotated[
+        int | None, typer.Option(help="Weight-only quantization of the transformer blocks: 4 or 8.")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to your network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for the page and the API (the book's API used 7866).")] = 7860,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CATDOG_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on the API and the password KEY (user catdog) on the page.",
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Allow this browser origin to call the API (repeatable; CORS is off by default)."),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="The most new tokens a request may ask for.")] = 2048,
+    max_messages: Annotated[int, typer.Option(help="The most messages (history included) in one request.")] = 64,
+    max_body: Annotated[int, typer.Option(help="The largest request body in bytes.")] = 1 << 20,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may generate before it is stopped.")] = 300.0,
+    queue_size: Annotated[int, typer.Option(help="Requests generating or waiting; beyond it: 503 + Retry-After.")] = 16,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Run Python code shipped in the model folder (off: never needed for ChatGLM3)."
+        ),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
+) -> None:
+    """Serve a chat model: a Gradio page at / plus POST /chat (the book's API) and OpenAI's /v1/chat/completions.
+
+    Example: catdog serve-chat --port 7866   (then: curl http://127.0.0.1:7866/v1/models)
+    """
+    from catdog_glm.cli.chat import load_engine
+    from catdog_glm.errors import ConfigError
+    from catdog_glm.serve.chat_api import ApiLimits
+    from catdog_glm.serve.chat_server import serve_chat as run_server
+
+    if min(max_tokens, max_messages, max_body, queue_size) < 1 or timeout <= 0:
+        raise ConfigError("--max-tokens, --max-messages, --max-body, --queue-size and --timeout must be positive")
+    engine = load_engine(model, quantize, dtype, device, trust_remote_code)
+    limits = ApiLimits(
+        max_body_bytes=max_body,
+        max_messages=max_messages,
+        max_tokens=max_tokens,
+        request_timeout_s=timeout,
+        max_waiting=queue_size,
+        api_key=api_key,
+        cors_origins=list(cors_origin or []),
+    )
+
+    def ready(url: str) -> None:
+        console.print(
+            f"Chat page: [bold]{url}[/]\nAPI: POST {url}chat · POST {url}v1/chat/completions · "
+            f"GET {url}v1/models · docs {url}docs" + ("  (API key required)" if api_key else ""),
+            highlight=False,
+        )
+        console.print("Press Ctrl+C to stop.")
+
+    run_server(engine, limits, host=host, port=port, page_password=api_key, on_ready=ready)

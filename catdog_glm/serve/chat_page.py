@@ -1,0 +1,117 @@
+"""The Gradio chat page: streamed replies, Stop, Retry, Clear History, system prompt and ChatGLM3's sliders.
+
+Front end only: it calls the same ChatEngine as the API (through BackgroundGeneration), loaded once per process.
+"""
+
+from __future__ import annotations
+
+from catdog_glm.chat.engine import ChatEngine
+from catdog_glm.chat.streaming import BackgroundGeneration
+
+# ChatGLM3's Gradio demo: Maximum length 8192, Top P 0.8, Temperature 0.6.
+DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, DEFAULT_TEMPERATURE = 8192, 0.8, 0.6
+EXAMPLES = ["What is the capital of France?", "Write a haiku about a cat.", "Give me three tips for learning Python."]
+
+
+def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = 512):
+    import gradio as gr
+
+    info = engine.info()
+    running: dict[str, BackgroundGeneration] = {}  # session -> its generation, so Stop can cancel it for real
+
+    def respond(
+        message: str,
+        history: list,
+        system: str,
+        max_length: float,
+        top_p: float,
+        temperature: float,
+        request: gr.Request,
+    ):
+        message = (message or "").strip()
+        if not message:
+            yield "", history
+            return
+        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        yield "", history
+        messages = ([{"role": "system", "content": system.strip()}] if system and system.strip() else []) + [
+            {"role": m["role"], "content": _text(m["content"])} for m in history[:-1]
+        ]
+        gen = BackgroundGeneration(
+            engine,
+            messages,
+            max_new_tokens=max_new_tokens,
+            max_length=int(max_length),
+            top_p=max(float(top_p), 0.01),
+            temperature=float(temperature),
+        )
+        running[request.session_hash] = gen
+        try:
+            for piece in gen:
+                history[-1]["content"] += piece
+                yield "", history
+        finally:
+            gen.cancel()
+            running.pop(request.session_hash, None)
+
+    def stop(request: gr.Request) -> None:
+        gen = running.pop(request.session_hash, None)
+        if gen is not None:
+            gen.cancel()
+
+    def retry(history: list):
+        """Drop the last answer and ask its question again."""
+        while history and history[-1]["role"] == "assistant":
+            history = history[:-1]
+        if not history:
+            return "", history
+        return _text(history[-1]["content"]), history[:-1]
+
+    with gr.Blocks(title=f"catdog chat · {info['name']}", analytics_enabled=False) as page:
+        gr.Markdown(
+            f"# catdog chat\n**Model** {info['name']} ({info['kind']}) · **quantization** "
+            f"{info['quantization']} · **{info['dtype']}** on {info['device']}",
+            elem_id="model-info",
+        )
+        chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot")
+        with gr.Row():
+            query = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=8, elem_id="query")
+            submit = gr.Button("Submit", variant="primary", scale=1)
+            stop_button = gr.Button("Stop", variant="stop", scale=1)
+        with gr.Row():
+            retry_button = gr.Button("Retry")
+            clear = gr.Button("Clear History")
+        with gr.Accordion("Settings", open=False):
+            system = gr.Textbox(label="System prompt", lines=2)
+            max_length = gr.Slider(
+                16,
+                info["context_window"],
+                value=min(DEFAULT_MAX_LENGTH, info["context_window"]),
+                step=1,
+                label="Maximum length",
+            )
+            top_p = gr.Slider(0.01, 1, value=DEFAULT_TOP_P, step=0.01, label="Top P")
+            temperature = gr.Slider(0, 1.5, value=DEFAULT_TEMPERATURE, step=0.01, label="Temperature")
+        gr.Examples(EXAMPLES, inputs=query, label="Examples")
+        inputs = [query, chatbot, system, max_length, top_p, temperature]
+        events = [
+            submit.click(respond, inputs, [query, chatbot], api_name="chat", concurrency_limit=None),
+            query.submit(respond, inputs, [query, chatbot], api_visibility="private", concurrency_limit=None),
+        ]
+        stop_button.click(stop, None, None, cancels=events, queue=False, api_visibility="private")
+        retry_button.click(retry, chatbot, [query, chatbot], api_visibility="private", queue=False).then(
+            respond, inputs, [query, chatbot], api_visibility="private"
+        )
+        clear.click(lambda: ("", []), None, [query, chatbot], queue=False, api_visibility="private")
+    return page
+
+
+def _text(content) -> str:
+    """Chatbot messages may carry content as a string or as a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return str(content)

@@ -1,0 +1,43 @@
+"""`catdog serve-chat`: one process, one loaded model, the page at `/` and the API beside it."""
+
+from __future__ import annotations
+
+from catdog_glm.chat.engine import ChatEngine
+from catdog_glm.errors import ConfigError
+from catdog_glm.serve.chat_api import ApiLimits, create_api
+from catdog_glm.serve.chat_page import build_chat_page
+from catdog_glm.serve.classifier import port_is_free
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+
+
+def create_chat_app(engine: ChatEngine, limits: ApiLimits, *, page_password: str | None = None):
+    import gradio as gr
+
+    app = create_api(engine, limits)
+    page = build_chat_page(engine, max_new_tokens=limits.max_tokens)
+    page.queue(max_size=limits.max_waiting, default_concurrency_limit=None)
+    auth = ("catdog", page_password) if page_password else None
+    return gr.mount_gradio_app(app, page, path="/", auth=auth, show_error=True, ssr_mode=False)
+
+
+def serve_chat(
+    engine: ChatEngine,
+    limits: ApiLimits,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    page_password: str | None = None,
+    on_ready=None,
+) -> None:
+    import os
+
+    import uvicorn
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if not port_is_free(host, port):
+        raise ConfigError(f"port {port} on {host} is already in use; pass another --port")
+    app = create_chat_app(engine, limits, page_password=page_password)
+    if on_ready:
+        on_ready(f"http://{host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
