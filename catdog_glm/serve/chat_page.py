@@ -3,7 +3,7 @@
 Front end only: it calls the same ChatEngine as the API (through BackgroundGeneration), loaded once per process.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Gradio finds `request: gr.Request` by its real annotation.
 
 from catdog_glm.chat.engine import ChatEngine
 from catdog_glm.chat.streaming import BackgroundGeneration

@@ -1,0 +1,358 @@
+"""A live `catdog serve-chat` with the embedded model: openai client, the book's requests snippet, gradio_client,
+validation, auth, queue overflow, disconnects, 16 concurrent clients, flat memory, and a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import catdog_env, free_port
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-123"
+CHROMIUM = "/usr/bin/chromium"
+CAPITALS = {"France": "Paris", "Germany": "Berlin"}
+
+
+def _start(*args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "catdog_glm", "serve-chat", "--port", str(port), *args],
+        env=catdog_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"serve-chat did not start: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    """A server that requires an API key, with room for 16 concurrent clients."""
+    proc, url = _start("--api-key", KEY, "--queue-size", "24")
+    yield url, proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def open_server():
+    """A server without a key and with tight limits."""
+    proc, url = _start("--queue-size", "2", "--max-tokens", "256", "--max-messages", "8", "--max-body", "4096")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _auth():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def _question(country: str) -> list[dict]:
+    return [{"role": "user", "content": f"What is the capital of {country}?"}]
+
+
+def test_openai_client_non_streaming_and_streaming(keyed):
+    from openai import OpenAI
+
+    url, _ = keyed
+    client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
+    [model] = client.models.list().data
+    done = client.chat.completions.create(model=model.id, messages=_question("France"), temperature=0, max_tokens=30)
+    assert "Paris" in done.choices[0].message.content and done.choices[0].finish_reason == "stop"
+    assert (
+        done.usage.prompt_tokens > 5
+        and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=model.id,
+            messages=_question("France"),
+            temperature=0,
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert all(c.choices[0].finish_reason is None for c in content_chunks)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == ["stop"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert "".join(c.choices[0].delta.content for c in content_chunks) == done.choices[0].message.content
+    short = client.chat.completions.create(model=model.id, messages=_question("France"), temperature=0, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+
+
+def test_stop_strings_across_chunks(keyed):
+    from openai import OpenAI
+
+    url, _ = keyed
+    client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="", messages=_question("France"), temperature=0, max_tokens=30, stream=True, stop=["Paris"]
+        )
+        if c.choices
+    )
+    assert "Par" not in text and "capital" in text
+
+
+def test_auth_is_required_on_the_api_only(keyed):
+    url, _ = keyed
+    assert httpx.get(f"{url}/health").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": _question("France")}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.post(f"{url}/chat", json={"query": "hi"}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "param"),
+    [
+        ("/v1/chat/completions", b"{not json", 400, None),
+        ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "  "}]}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+            400,
+            "temperature",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000},
+            400,
+            "max_tokens",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "model"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+            400,
+            "temperature",
+        ),
+        ("/chat", {"query": ""}, 400, "query"),
+        ("/chat", {"query": "hi", "history": 7}, 400, "history"),
+        ("/chat", [1, 2], 400, None),
+    ],
+)
+def test_bad_requests_get_openai_shaped_4xx(keyed, route, body, status, param):
+    url, _ = keyed
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(url + route, content=content, headers=_auth())
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["param"] == param
+
+
+def test_limits_on_body_and_history(open_server):
+    url = open_server
+    too_many = [{"role": "user", "content": "hi"}] * 9
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": too_many})
+    assert r.status_code == 400 and "too many messages" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/chat", json={"query": "x" * 5000})
+    assert r.status_code == 413
+
+
+def test_the_books_requests_snippet_works_unchanged(open_server):
+    import requests
+
+    # the book posts `data=json.dumps(...)`: a JSON body without a Content-Type header
+    response = requests.post(
+        f"{open_server}/chat",
+        data=json.dumps({"query": "What is the capital of France?", "history": "", "temperature": 0}),
+        timeout=120,
+    )
+    answer = response.json()
+    assert response.status_code == 200 and "Paris" in answer["response"]
+    assert answer["history"][-1] == {"role": "assistant", "content": answer["response"]}
+    follow = requests.post(
+        f"{open_server}/chat",
+        data=json.dumps({"query": "And of Germany?", "history": answer["history"], "temperature": 0}),
+        timeout=120,
+    ).json()
+    assert "Berlin" in follow["response"] and len(follow["history"]) == 4
+
+
+def test_gradio_client_against_the_page(open_server):
+    from gradio_client import Client
+
+    client = Client(open_server + "/", verbose=False)
+    query, history = client.predict("What is the capital of France?", [], "", 512, 0.8, 0, api_name="/chat")
+    assert query == "" and "Paris" in str(history[-1]["content"])
+
+
+def test_queue_overflow_gets_503_with_retry_after(open_server):
+    url = open_server
+    statuses: list[int] = []
+    headers: list[str | None] = []
+
+    def ask():
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"messages": _question("France"), "max_tokens": 200, "temperature": 1, "seed": 1},
+            timeout=300,
+        )
+        statuses.append(r.status_code)
+        headers.append(r.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert statuses.count(503) >= 1 and statuses.count(200) >= 1
+    assert all(h == "5" for s, h in zip(statuses, headers, strict=True) if s == 503)
+
+
+def test_a_client_that_disconnects_stops_its_generation(keyed):
+    url, _ = keyed
+    body = {
+        "messages": [{"role": "user", "content": "Write a very long story about a cat."}],
+        "stream": True,
+        "max_tokens": 2000,
+        "temperature": 0.8,
+        "seed": 3,
+    }
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=_auth(), timeout=60) as r:
+        for i, _line in enumerate(r.iter_lines()):
+            if i > 6:
+                break  # leave mid-stream
+    deadline = time.monotonic() + 20  # 2000 tokens would take far longer than this
+    while httpx.get(f"{url}/health").json()["active_requests"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(f"{url}/health").json()["active_requests"] == 0
+
+
+def test_sixteen_concurrent_clients_each_get_their_own_answer(keyed):
+    from gradio_client import Client
+
+    url, _ = keyed
+    results: dict[int, tuple[str, str]] = {}
+    errors: list[str] = []
+
+    def api_client(i: int, stream: bool):
+        country = list(CAPITALS)[i % 2]
+        body = {"messages": _question(country), "temperature": 0, "max_tokens": 24, "stream": stream}
+        try:
+            if stream:
+                text = ""
+                with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=_auth(), timeout=600) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            delta = json.loads(line[6:])["choices"]
+                            text += (delta[0]["delta"].get("content") or "") if delta else ""
+            else:
+                r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=_auth(), timeout=600)
+                r.raise_for_status()
+                text = r.json()["choices"][0]["message"]["content"]
+            results[i] = (country, text)
+        except Exception as e:  # collected and asserted below
+            errors.append(repr(e))
+
+    def page_client(i: int):
+        country = list(CAPITALS)[i % 2]
+        try:
+            client = Client(url + "/", verbose=False, auth=("catdog", KEY))
+            _, history = client.predict(f"What is the capital of {country}?", [], "", 512, 0.8, 0, api_name="/chat")
+            results[i] = (country, str(history[-1]["content"]))
+        except Exception as e:
+            errors.append(repr(e))
+
+    threads = [
+        threading.Thread(target=page_client if i >= 14 else api_client, args=(i,) if i >= 14 else (i, i % 2 == 0))
+        for i in range(16)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors and len(results) == 16
+    for country, text in results.values():
+        other = [c for k, c in CAPITALS.items() if k != country]
+        assert CAPITALS[country] in text and not any(o in text for o in other), (country, text)
+
+
+def test_memory_stays_flat_over_200_requests(keyed):
+    import psutil
+
+    url, proc = keyed
+    process = psutil.Process(proc.pid)
+    body = {"messages": _question("France"), "temperature": 0, "max_tokens": 2}
+
+    def burst(n):
+        with httpx.Client(headers=_auth(), timeout=60) as client:
+            for _ in range(n):
+                assert client.post(f"{url}/v1/chat/completions", json=body).status_code == 200
+
+    burst(40)  # warm-up: allocator pools, caches
+    before = process.memory_info().rss
+    burst(200)
+    growth = (process.memory_info().rss - before) / 2**20
+    assert growth < 40, f"resident memory grew by {growth:.0f} MiB over 200 requests"
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)"
+)
+def test_real_browser_streams_stops_and_clears(open_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ.get("CATDOG_SCREENSHOTS", tmp_path))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(open_server + "/", wait_until="networkidle")
+        assert "SmolLM2" in page.inner_text("#model-info")
+        page.locator("#query textarea").fill("What is the capital of France?")
+        page.get_by_role("button", name="Submit").click()
+        page.locator("#chatbot").get_by_text("Paris").first.wait_for(timeout=120_000)
+        page.screenshot(path=str(shots / "serve_chat.png"), full_page=True)
+        page.locator("#query textarea").fill("Write a very long story about a brave cat.")
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_timeout(1500)
+        page.get_by_role("button", name="Stop").click()
+        page.wait_for_timeout(500)
+        stopped = page.inner_text("#chatbot")
+        page.wait_for_timeout(1500)
+        assert page.inner_text("#chatbot") == stopped  # nothing more arrives after Stop
+        page.get_by_role("button", name="Clear History").click()
+        page.wait_for_timeout(500)
+        assert "Paris" not in page.inner_text("#chatbot")
+        browser.close()
+    assert (shots / "serve_chat.png").stat().st_size > 10_000
