@@ -68,6 +68,7 @@ class BackgroundGeneration:
             self.cancel()
 
     async def pieces(self) -> AsyncIterator[str]:
+        """Text pieces as they come; when it ends, `reply` is set (the worker sets it before signalling the end)."""
         try:
             while (item := await self._aqueue.get()) is not _DONE:
                 yield item
@@ -75,8 +76,3 @@ class BackgroundGeneration:
                 raise self.error
         finally:
             self.cancel()  # a disconnect or timeout lands here: stop generating for nobody
-
-    async def wait(self) -> None:
-        """Until the worker has finished (reply is set)."""
-        while self._thread.is_alive():
-            await asyncio.sleep(0.01)

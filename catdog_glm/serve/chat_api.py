@@ -160,7 +160,6 @@ class ChatService:
                     kind="server_error",
                     code="timeout",
                 ) from None
-            await gen.wait()
             if gen.error:
                 raise ApiError(400, str(gen.error)) from None
             return gen
@@ -331,8 +330,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                     yield chunk({"content": piece})
                     if time.monotonic() > deadline:
                         gen.cancel()
-                await gen.wait()
-                reply = gen.reply
+                    reply = gen.reply
                 if gen.error or reply is None:
                     err = {
                         "message": str(gen.error or "generation failed"),
