@@ -330,7 +330,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                     yield chunk({"content": piece})
                     if time.monotonic() > deadline:
                         gen.cancel()
-                    reply = gen.reply
+                reply = gen.reply
                 if gen.error or reply is None:
                     err = {
                         "message": str(gen.error or "generation failed"),
