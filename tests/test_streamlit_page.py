@@ -1,0 +1,152 @@
+"""`catdog serve-chat --ui streamlit`: Streamlit's AppTest drives the page against the embedded model (in process and
+as a client of a live serve-chat), and a real browser checks the running page."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import catdog_env, free_port
+
+pytest.importorskip("streamlit", reason="the streamlit extra is not installed (pip install 'catdog-glm[streamlit]')")
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _app():
+    from streamlit.testing.v1 import AppTest
+
+    from catdog_glm.serve.streamlit_runner import APP_FILE
+
+    return AppTest.from_file(str(APP_FILE), default_timeout=300)
+
+
+def _assistant_texts(at) -> list[str]:
+    return [" ".join(md.value for md in m.markdown) for m in at.chat_message if m.name == "assistant"]
+
+
+def test_send_sliders_and_clear_in_process(monkeypatch):
+    for key in ("CATDOG_ST_API_URL", "CATDOG_ST_MODEL"):
+        monkeypatch.delenv(key, raising=False)
+    at = _app()
+    at.run()
+    assert not at.exception
+    at.slider(key="temperature").set_value(0.0)
+    at.slider(key="top_p").set_value(0.5)
+    at.slider(key="max_length").set_value(4096)
+    at.chat_input(key="prompt").set_value("What is the capital of France?").run()
+    assert not at.exception
+    assert at.session_state["last_sampling"] == {
+        "max_length": 4096,
+        "top_p": 0.5,
+        "temperature": 0.0,
+        "max_new_tokens": 512,
+    }
+    assert "Paris" in _assistant_texts(at)[-1]
+    at.chat_input(key="prompt").set_value("And of Germany?").run()
+    assert len(at.session_state["history"]) == 4 and "Berlin" in _assistant_texts(at)[-1]
+    at.button(key="clear").click().run()
+    assert len(at.chat_message) == 0 and at.session_state["history"] == []
+
+
+def _start(args: list[str], health: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "catdog_glm", "serve-chat", "--port", str(port), *args],
+        env=catdog_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            if httpx.get(url + health, timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.3)
+
+
+def test_page_as_a_client_of_a_running_server(monkeypatch):
+    proc, url = _start(["--api-key", "k123"], "/health")
+    try:
+        monkeypatch.setenv("CATDOG_ST_API_URL", url)
+        monkeypatch.setenv("CATDOG_ST_API_KEY", "k123")
+        at = _app()
+        at.run()
+        assert not at.exception and url in at.caption[0].value
+        at.slider(key="temperature").set_value(0.0)
+        at.chat_input(key="prompt").set_value("What is the capital of France?").run()
+        assert not at.exception and "Paris" in _assistant_texts(at)[-1]
+        monkeypatch.setenv("CATDOG_ST_API_KEY", "wrong")
+        bad = _app()
+        bad.run()
+        bad.chat_input(key="prompt").set_value("hello").run()
+        assert "401" in bad.error[0].value and bad.session_state["history"] == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_without_the_extra_the_command_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from catdog_glm.errors import ConfigError
+    from catdog_glm.serve import streamlit_runner
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"pip install 'catdog-glm\[streamlit\]'"):
+        streamlit_runner.run_streamlit(host="127.0.0.1", port=free_port())
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)"
+)
+def test_real_browser_on_the_running_streamlit_page(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    proc, url = _start(["--ui", "streamlit"], "/_stcore/health")
+    shots = Path(os.environ.get("CATDOG_SCREENSHOTS", tmp_path))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
+            )
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(url + "/", wait_until="networkidle")
+            box = page.locator("[data-testid='stChatInputTextArea']")
+            box.wait_for(timeout=180_000)
+            box.fill("What is the capital of France?")
+            box.press("Enter")
+            page.locator("[data-testid='stChatMessage']").nth(1).wait_for(timeout=180_000)
+            page.wait_for_function(
+                "() => { const m = document.querySelectorAll('[data-testid=\"stChatMessage\"]');"
+                " return m.length >= 2 && m[1].innerText.trim().length > 3; }",
+                timeout=180_000,
+            )
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(shots / "serve_chat_streamlit.png"), full_page=True)
+            browser.close()
+        assert (shots / "serve_chat_streamlit.png").stat().st_size > 10_000
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
