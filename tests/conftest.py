@@ -152,3 +152,61 @@ def real_checkpoint(tmp_path_factory) -> Path:
         )
     )
     return out / "best.pt"
+
+
+CHROMIUM = "/usr/bin/chromium"
+requires_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)"
+)
+# Debian's Chromium, driven by Playwright without `playwright install`; no background traffic off this machine.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def open_page(playwright, url: str):
+    """(browser, page) with the page loaded and its network idle."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(url, wait_until="networkidle")
+    return browser, page
+
+
+def screenshot_dir(tmp_path: Path) -> Path:
+    """CATDOG_SCREENSHOTS=DIR keeps the browser tests' screenshots; else the test's temp folder."""
+    return Path(os.environ.get("CATDOG_SCREENSHOTS", tmp_path))
+
+
+def start_catdog(args: list[str], *, health: str = "/health", env_extra: dict | None = None, timeout: float = 240):
+    """Start `python -m catdog_glm ARGS --port FREE` and wait for `health` to answer 200 -> (process, base url)."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "catdog_glm", *args, "--port", str(port)],
+        env=catdog_env() | (env_extra or {}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + health, timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"`catdog {' '.join(args)}` did not start: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.3)

@@ -4,45 +4,21 @@ validation, auth, queue overflow, disconnects, 16 concurrent clients, flat memor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import catdog_env, free_port
+from tests.conftest import open_page, requires_chromium, screenshot_dir, start_catdog
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"
-CHROMIUM = "/usr/bin/chromium"
 CAPITALS = {"France": "Paris", "Germany": "Berlin"}
 
 
-def _start(*args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "catdog_glm", "serve-chat", "--port", str(port), *args],
-        env=catdog_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"serve-chat did not start: {proc.stdout.read()[-3000:]}")
-        time.sleep(0.3)
+def _start(*args):
+    return start_catdog(["serve-chat", *args])
 
 
 @pytest.fixture(scope="module")
@@ -317,27 +293,13 @@ def test_memory_stays_flat_over_200_requests(keyed):
     assert growth < 40, f"resident memory grew by {growth:.0f} MiB over 200 requests"
 
 
-@pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)"
-)
+@requires_chromium
 def test_real_browser_streams_stops_and_clears(open_server, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    shots = Path(os.environ.get("CATDOG_SCREENSHOTS", tmp_path))
+    shots = screenshot_dir(tmp_path)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(open_server + "/", wait_until="networkidle")
+        browser, page = open_page(p, open_server + "/")
         assert "SmolLM2" in page.inner_text("#model-info")
         page.locator("#query textarea").fill("What is the capital of France?")
         page.get_by_role("button", name="Submit").click()

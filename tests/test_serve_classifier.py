@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import SHARED_CATDOG, catdog_env, free_port, make_bad_inputs, save_image
+from tests.conftest import (
+    SHARED_CATDOG,
+    make_bad_inputs,
+    open_page,
+    requires_chromium,
+    save_image,
+    screenshot_dir,
+    start_catdog,
+)
 
 pytestmark = pytest.mark.slow
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +29,14 @@ def checkpoint(request) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    port = free_port()
     temp = tmp_path_factory.mktemp("gradio-temp")
     examples = tmp_path_factory.mktemp("examples")
     save_image(examples / "example.jpg", size=(96, 96))
-    env = catdog_env() | {"GRADIO_TEMP_DIR": str(temp)}
-    proc = subprocess.Popen(
+    proc, url = start_catdog(
         [
-            sys.executable,
-            "-m",
-            "catdog_glm",
             "serve-classifier",
             "--checkpoint",
             str(checkpoint),
-            "--port",
-            str(port),
             "--examples",
             str(examples),
             "--max-file-size",
@@ -48,23 +44,9 @@ def server(checkpoint, tmp_path_factory):
             "--max-pixels",
             "50000000",
         ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        env_extra={"GRADIO_TEMP_DIR": str(temp)},
+        timeout=120,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stdout.read()}")
-        time.sleep(0.3)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -136,28 +118,14 @@ def test_bad_uploads_through_the_gradio_page(server, tmp_path):
             assert not label and expected_error in note, (name, note)
 
 
-@pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)"
-)
+@requires_chromium
 def test_real_browser_uploads_a_photo_and_reads_the_label(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     photo = _photo(tmp_path)
-    shots = Path(os.environ.get("CATDOG_SCREENSHOTS", tmp_path))
+    shots = screenshot_dir(tmp_path)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(server + "/", wait_until="networkidle")
+        browser, page = open_page(p, server + "/")
         assert "Cat vs Dog Classifier" in page.content()
         assert "resnet18" in page.inner_text("#model-info")
         page.locator("input[type=file]").first.set_input_files(str(photo))

@@ -3,20 +3,12 @@ as a client of a live serve-chat), and a real browser checks the running page.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import httpx
 import pytest
 
-from tests.conftest import catdog_env, free_port
+from tests.conftest import free_port, open_page, requires_chromium, screenshot_dir, start_catdog
 
 pytest.importorskip("streamlit", reason="the streamlit extra is not installed (pip install 'catdog-glm[streamlit]')")
 pytestmark = pytest.mark.slow
-CHROMIUM = "/usr/bin/chromium"
 
 
 def _app():
@@ -55,27 +47,8 @@ def test_send_sliders_and_clear_in_process(monkeypatch):
     assert len(at.chat_message) == 0 and at.session_state["history"] == []
 
 
-def _start(args: list[str], health: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "catdog_glm", "serve-chat", "--port", str(port), *args],
-        env=catdog_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if httpx.get(url + health, timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stdout.read()[-3000:]}")
-        time.sleep(0.3)
+def _start(args: list[str], health: str):
+    return start_catdog(["serve-chat", *args], health=health)
 
 
 def test_page_as_a_client_of_a_running_server(monkeypatch):
@@ -110,29 +83,15 @@ def test_without_the_extra_the_command_says_how_to_install(monkeypatch):
         streamlit_runner.run_streamlit(host="127.0.0.1", port=free_port())
 
 
-@pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)"
-)
+@requires_chromium
 def test_real_browser_on_the_running_streamlit_page(tmp_path):
     from playwright.sync_api import sync_playwright
 
     proc, url = _start(["--ui", "streamlit"], "/_stcore/health")
-    shots = Path(os.environ.get("CATDOG_SCREENSHOTS", tmp_path))
+    shots = screenshot_dir(tmp_path)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM,
-                args=[
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--no-first-run",
-                ],
-            )
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(url + "/", wait_until="networkidle")
+            browser, page = open_page(p, url + "/")
             box = page.locator("[data-testid='stChatInputTextArea']")
             box.wait_for(timeout=180_000)
             box.fill("What is the capital of France?")
