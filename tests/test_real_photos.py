@@ -16,6 +16,8 @@ from catdog_glm.vision.transforms import load_resized, normalize_batch
 from tests.conftest import SHARED_CATDOG, catdog_env, free_port, requires_shared_data
 
 pytestmark = [pytest.mark.slow, requires_shared_data]
+# The issue's own command: resnet18 at 128 px from scratch on the real photos.
+TRAIN_ARGS = ["--data", SHARED_CATDOG, "--arch", "resnet18", "--image-size", "128", "--pretrained", "none"]
 
 
 def catdog(*args, timeout=900):
@@ -32,21 +34,7 @@ def catdog(*args, timeout=900):
 def trained_run(tmp_path_factory):
     """The issue's own command: 1 epoch of resnet18 at 128 px from scratch on all 1,200 training photos."""
     out = tmp_path_factory.mktemp("real") / "run"
-    done = catdog(
-        "train",
-        "--data",
-        SHARED_CATDOG,
-        "--epochs",
-        "1",
-        "--arch",
-        "resnet18",
-        "--image-size",
-        "128",
-        "--pretrained",
-        "none",
-        "--output",
-        out,
-    )
+    done = catdog("train", *TRAIN_ARGS, "--epochs", "1", "--output", out)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
@@ -127,24 +115,7 @@ def test_resume_continues_to_a_second_epoch(trained_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     done = catdog(
-        "train",
-        "--data",
-        SHARED_CATDOG,
-        "--epochs",
-        "2",
-        "--arch",
-        "resnet18",
-        "--image-size",
-        "128",
-        "--pretrained",
-        "none",
-        "--output",
-        copy,
-        "--resume",
-        "--train-limit",
-        "0",
-        "--tracker",
-        "none",
+        "train", *TRAIN_ARGS, "--epochs", "2", "--output", copy, "--resume", "--train-limit", "0", "--tracker", "none"
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout

@@ -16,14 +16,20 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (int8 rows, fp32 scale per row)."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8), scales
+
+
 class Int8Linear(nn.Module):
     """y = x @ (int8 W * per-row scale)^T + b, through torch's int8 weight-only kernel."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        w = linear.weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("weight_int8", (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8))
+        weight_int8, scales = _int8_rows(linear.weight)
+        self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("scales", scales.to(linear.weight.dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -82,11 +88,10 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
-        w = embedding.weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("weight_int8", (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8))
+        weight_int8, scales = _int8_rows(embedding.weight)
+        self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("scales", scales.to(embedding.weight.dtype))
-        self.num_embeddings, self.embedding_dim = w.shape
+        self.num_embeddings, self.embedding_dim = weight_int8.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight_int8[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)

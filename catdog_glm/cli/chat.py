@@ -11,6 +11,23 @@ from catdog_glm.cli._common import err_console, user_errors
 
 HELP = "Commands: /clear (forget the conversation), /system TEXT (set the system prompt), /exit"
 
+# Model options shared by `catdog chat` and `catdog serve-chat`.
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        help="ChatGLM3 folder, Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."
+    ),
+]
+QuantizeOption = Annotated[int | None, typer.Option(help="Weight-only quantization of the transformer blocks: 4 or 8.")]
+DtypeOption = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+TrustRemoteCodeOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="Run Python code shipped in the model folder (off: never needed for ChatGLM3)."
+    ),
+]
+
 
 def load_engine(model, quantize, dtype, device, trust_remote_code):
     """Load a chat model with a progress line and return a ChatEngine (shared with serve-chat)."""
@@ -52,18 +69,10 @@ def load_engine(model, quantize, dtype, device, trust_remote_code):
 
 @user_errors
 def chat(
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="ChatGLM3 folder, Hugging Face model folder or .gguf file "
-            "(default: the embedded SmolLM2-135M-Instruct)."
-        ),
-    ] = None,
-    quantize: Annotated[
-        int | None, typer.Option(help="Weight-only quantization of the transformer blocks: 4 or 8.")
-    ] = None,
-    dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    model: ModelOption = None,
+    quantize: QuantizeOption = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 means greedy.")] = 0.8,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling probability mass.")] = 0.8,
     top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = off).")] = 0,
@@ -72,12 +81,7 @@ def chat(
     repetition_penalty: Annotated[float, typer.Option(help="Penalty for repeating tokens (1.0 = off).")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    trust_remote_code: Annotated[
-        bool,
-        typer.Option(
-            "--trust-remote-code", help="Run Python code shipped in the model folder (off: never needed for ChatGLM3)."
-        ),
-    ] = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
     """Chat in the terminal: streamed replies, multi-turn history, /clear, /system TEXT, /exit.

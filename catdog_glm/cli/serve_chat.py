@@ -7,22 +7,15 @@ from typing import Annotated
 import typer
 
 from catdog_glm.cli._common import console, user_errors
+from catdog_glm.cli.chat import DeviceOption, DtypeOption, ModelOption, QuantizeOption, TrustRemoteCodeOption
 
 
 @user_errors
 def serve_chat(
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="ChatGLM3 folder, Hugging Face model folder or .gguf file "
-            "(default: the embedded SmolLM2-135M-Instruct)."
-        ),
-    ] = None,
-    quantize: Annotated[
-        int | None, typer.Option(help="Weight-only quantization of the transformer blocks: 4 or 8.")
-    ] = None,
-    dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    model: ModelOption = None,
+    quantize: QuantizeOption = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
     host: Annotated[
         str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to your network.")
     ] = "127.0.0.1",
@@ -43,12 +36,7 @@ def serve_chat(
     max_body: Annotated[int, typer.Option(help="The largest request body in bytes.")] = 1 << 20,
     timeout: Annotated[float, typer.Option(help="Seconds a request may generate before it is stopped.")] = 300.0,
     queue_size: Annotated[int, typer.Option(help="Requests generating or waiting; beyond it: 503 + Retry-After.")] = 16,
-    trust_remote_code: Annotated[
-        bool,
-        typer.Option(
-            "--trust-remote-code", help="Run Python code shipped in the model folder (off: never needed for ChatGLM3)."
-        ),
-    ] = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
     ui: Annotated[
         str, typer.Option(help="Web page: gradio (page + API on one port) or streamlit (the book's web_demo2 page).")
     ] = "gradio",
