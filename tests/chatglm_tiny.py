@@ -37,7 +37,12 @@ CONFIG = {
 }
 
 
-def train_tokenizer(folder: Path) -> int:
+# ChatGLM3's tokenizer.model keeps text as written (no NFKC, spaces not collapsed); SentencePiece's defaults differ.
+CHATGLM3_NORMALIZER = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False}
+
+
+def train_tokenizer(folder: Path, **normalizer) -> int:
+    """A 400-piece BPE SentencePiece model with byte fallback, like ChatGLM3's in kind (keyword args: normalizer)."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
@@ -49,6 +54,7 @@ def train_tokenizer(folder: Path) -> int:
         character_coverage=1.0,
         hard_vocab_limit=False,
         minloglevel=2,
+        **normalizer,
     )
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     (folder / "tokenizer.vocab").unlink(missing_ok=True)
@@ -81,25 +87,26 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return w
 
 
-def make_tiny_chatglm3(folder: Path, fmt: str = "bin") -> Path:
-    """Write config.json, tokenizer.model and two weight shards with their index (fmt: bin or safetensors)."""
+def make_tiny_chatglm3(folder: Path, fmt: str = "bin", shards: int = 2, **config) -> Path:
+    """Write config.json, tokenizer.model and weight shards with their index (fmt: bin or safetensors);
+    `config` overrides the tiny sizes."""
     folder.mkdir(parents=True, exist_ok=True)
-    pieces = train_tokenizer(folder)
-    cfg = dict(CONFIG, padded_vocab_size=int(math.ceil((pieces + 9) / 64) * 64))
+    pieces = train_tokenizer(folder, **CHATGLM3_NORMALIZER)
+    cfg = dict(CONFIG, padded_vocab_size=int(math.ceil((pieces + 9) / 64) * 64)) | config
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "modeling_chatglm.py").write_text("raise RuntimeError('remote code must never run')\n")
     weights = random_weights(cfg)
     names = list(weights)
-    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    parts = [names[i * len(names) // shards : (i + 1) * len(names) // shards] for i in range(shards)]
     weight_map = {}
-    for i, part in enumerate(halves, start=1):
+    for i, part in enumerate(parts, start=1):
         if fmt == "bin":
-            shard = f"pytorch_model-0000{i}-of-00002.bin"
+            shard = f"pytorch_model-{i:05d}-of-{shards:05d}.bin"
             torch.save({n: weights[n] for n in part}, folder / shard)
         else:
             from safetensors.torch import save_file
 
-            shard = f"model-0000{i}-of-00002.safetensors"
+            shard = f"model-{i:05d}-of-{shards:05d}.safetensors"
             save_file({n: weights[n].contiguous() for n in part}, str(folder / shard))
         weight_map |= dict.fromkeys(part, shard)
     index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"

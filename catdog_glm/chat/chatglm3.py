@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from catdog_glm.errors import ModelError
 
@@ -142,7 +143,8 @@ def map_weights(name: str, tensor, config) -> dict:
     return {out + renames[rest]: tensor}
 
 
-def _shards(path: Path) -> list[Path]:
+def weight_shards(path: Path) -> list[Path]:
+    """The weight files of a ChatGLM3 folder, from its index json when it has one."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
@@ -161,27 +163,40 @@ def _shards(path: Path) -> list[Path]:
     )
 
 
-def _read_shard(shard: Path) -> dict:
+def read_shard_tensors(shard: Path) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) pairs of one weight file, read lazily (safetensors or memory-mapped .bin), never running
+    pickled code."""
     import torch
 
     if shard.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
-        return load_file(str(shard))
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ModelError(f"{shard} is not a readable safetensors file ({e})") from e
+        return
     try:
         try:
-            return torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
             # a legacy (pre-zip) torch.save file cannot be memory-mapped: read it whole, still weights only
-            return torch.load(shard, map_location="cpu", weights_only=True)
+            state = torch.load(shard, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ModelError(
             f"refused to load {shard}: it is not a plain weights file (it holds Python objects that could run code)"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise ModelError(f"{shard} is not a readable PyTorch weights file ({e})") from e
+    if not isinstance(state, dict):
+        raise ModelError(f"{shard} does not hold a dict of weights")
+    while state:  # hand each tensor over and drop our reference, so a converted copy never doubles the shard
+        name = next(iter(state))
+        yield name, state.pop(name)
 
 
 def load_chatglm3(path: str | Path, *, dtype=None, on_shard: Callable[[int, int], None] | None = None):
@@ -204,10 +219,10 @@ def load_chatglm3(path: str | Path, *, dtype=None, on_shard: Callable[[int, int]
         model = GlmForCausalLM(config)
     expected = set(model.state_dict())
     loaded: set[str] = set()
-    shards = _shards(path)
+    shards = weight_shards(path)
     for i, shard in enumerate(shards):
         mapped = {}
-        for name, tensor in _read_shard(shard).items():
+        for name, tensor in read_shard_tensors(shard):
             for new_name, value in map_weights(name, tensor, config).items():
                 mapped[new_name] = value.to(dtype)
         model.load_state_dict(mapped, strict=False, assign=True)

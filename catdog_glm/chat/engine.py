@@ -55,6 +55,7 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     truncated_messages: int = 0  # oldest turns dropped to fit the context window
+    token_ids: list[int] = field(default_factory=list)  # the completion's ids, stop token excluded
 
 
 def normalize_messages(history) -> list[dict]:
@@ -222,6 +223,7 @@ class ChatEngine:
             prompt_tokens=len(prompt),
             completion_tokens=len(generated),
             truncated_messages=dropped,
+            token_ids=generated,
         )
 
 
