@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 from tests.conftest import catdog_env, save_image
 
 CATDOG = [sys.executable, "-m", "catdog_glm"]
-SUBCOMMANDS = ["train", "eval", "predict", "serve-classifier", "serve-chat", "chat", "data"]
+SUBCOMMANDS = ["train", "eval", "predict", "serve-classifier", "serve-chat", "chat", "data", "export"]
 
 
 def run(*args, cwd=None, timeout=300):
@@ -43,12 +44,24 @@ def test_help_lists_every_subcommand_and_is_fast():
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "eval", "predict", "serve-classifier", "chat", "serve-chat", "data check", "data synth"]
+    "command",
+    [
+        "train",
+        "eval",
+        "predict",
+        "serve-classifier",
+        "chat",
+        "serve-chat",
+        "data check",
+        "data synth",
+        "export chat",
+        "export classifier",
+    ],
 )
 def test_every_option_has_help_text(command):
     out = run(*command.split(), "--help")
     assert out.returncode == 0
-    lines = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("│ --")]
+    lines = [ln for ln in out.stdout.splitlines() if re.match(r"│\s*(\*\s+)?--", ln.strip())]
     assert lines and all(len(ln.split()) > 3 for ln in lines), lines
 
 

@@ -97,7 +97,11 @@ def test_exported_folder_loads_in_plain_transformers_without_remote_code(source,
     assert not any(name.endswith(".py") for name in names)  # nothing for trust_remote_code to run
     config = AutoConfig.from_pretrained(exported, trust_remote_code=False)
     assert config.model_type == "glm" and config.architectures == ["GlmForCausalLM"]
-    assert "auto_map" not in json.loads((exported / "config.json").read_text())
+    raw = json.loads((exported / "config.json").read_text())
+    assert "auto_map" not in raw
+    # engines on transformers 4.x read the rotary settings and dtype under their old names
+    assert raw["rope_theta"] == raw["rope_parameters"]["rope_theta"] and raw["partial_rotary_factor"] == 0.5
+    assert raw["torch_dtype"] == raw["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=False)
     assert type(model).__name__ == "GlmForCausalLM" and model.dtype == torch.bfloat16
     tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=False)

@@ -201,6 +201,20 @@ class _ShardWriter:
         return count
 
 
+def _add_legacy_config_keys(path: Path) -> None:
+    """Also state the rotary settings and dtype as transformers 4.x spells them: serving engines pinned to 4.x read
+    `rope_theta` / `partial_rotary_factor` / `torch_dtype` and would silently use defaults otherwise."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters") or {}
+    legacy = {
+        "rope_theta": rope.get("rope_theta"),
+        "partial_rotary_factor": rope.get("partial_rotary_factor"),
+        "torch_dtype": config.get("dtype"),
+    }
+    config |= {k: v for k, v in legacy.items() if v is not None and k not in config}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -277,6 +291,7 @@ def export_chatglm3(
         config.pad_token_id = 0
         config.dtype = torch_dtype
         config.save_pretrained(str(tmp))
+        _add_legacy_config_keys(tmp / "config.json")
         generation = _generation_config(source, sorted(chat_tokenizer.stop_ids))
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
         fast.save(str(tmp / "tokenizer.json"))
