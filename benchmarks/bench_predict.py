@@ -4,7 +4,8 @@ Same model (a ResNet50 checkpoint with random weights: speed does not depend on 
 same photos, same machine, one run. The book's predict(): PIL image -> Resize((256, 256)) + ToTensor +
 Normalize -> model under torch.no_grad() -> softmax, one image at a time, fp32.
 `catdog predict --batch-size 32`: decoding in threads overlapped with batched inference_mode forward passes,
-channels_last, bf16 where the CPU has it.
+channels_last, in fp32, bf16 and int8; and the same checkpoint exported with `catdog export classifier` and run by
+ONNX Runtime (CPU, fp32) through the same predictor machinery (`catdog predict --model FILE.onnx`).
 
     python benchmarks/bench_predict.py [--images 96] [--arch resnet50] [--image-size 256]
 """
@@ -12,6 +13,8 @@ channels_last, bf16 where the CPU has it.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +46,7 @@ def make_checkpoint(arch: str, image_size: int) -> Path:
 
     torch.manual_seed(0)
     path = Path(tempfile.mkdtemp(prefix="bench-predict-")) / "best.pt"
+    atexit.register(shutil.rmtree, path.parent, ignore_errors=True)  # ~100 MB per run otherwise left in /tmp
     save_checkpoint(
         path, arch=arch, classes=["cat", "dog"], model_state=build_model(arch, 2).state_dict(), image_size=image_size
     )
@@ -92,7 +96,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from catdog_glm.vision.predictor import Predictor
+    from catdog_glm.vision.export import export_classifier
+    from catdog_glm.vision.predictor import Predictor, load_predictor
 
     files = photos(args.images)
     checkpoint = make_checkpoint(args.arch, args.image_size)
@@ -113,20 +118,28 @@ def main() -> None:
         book(Image.open(files[0]).convert("RGB"))
         book_lat.append(time.perf_counter() - t)
 
-    measured = {}
-    for mode in ("bf16", "int8"):
-        ours = Predictor.from_checkpoint(checkpoint, precision=mode)
-        list(ours.predict_files(files[: args.batch_size], batch_size=args.batch_size))  # warm-up
+    def measure(predictor) -> tuple[float, float]:
+        """(images/s over all the photos in batches, median single-image latency in seconds)."""
+        list(predictor.predict_files(files[: args.batch_size], batch_size=args.batch_size))  # warm-up
         started = time.perf_counter()
-        results = list(ours.predict_files(files, batch_size=args.batch_size))
+        results = list(predictor.predict_files(files, batch_size=args.batch_size))
         throughput = len(files) / (time.perf_counter() - started)
         assert all(r.ok for r in results)
         latency = []
         for _ in range(args.latency_runs):
             t = time.perf_counter()
-            ours.predict_sources([files[0]])
+            predictor.predict_sources([files[0]])
             latency.append(time.perf_counter() - t)
-        measured[mode] = (throughput, statistics.median(latency))
+        return throughput, statistics.median(latency)
+
+    measured = {}
+    for mode in ("fp32", "bf16", "int8"):
+        measured[mode] = measure(Predictor.from_checkpoint(checkpoint, precision=mode))
+
+    # The same checkpoint as ONNX, on ONNX Runtime's CPU provider (fp32 like the export).
+    with tempfile.TemporaryDirectory(prefix="bench-predict-onnx-") as folder:
+        export = export_classifier(checkpoint, Path(folder) / "model.onnx")
+        measured["onnxruntime"] = measure(load_predictor(export.path, device="cpu"))
 
     # The whole CLI, process start and model load included.
     started = time.perf_counter()
@@ -154,10 +167,16 @@ def main() -> None:
     book_latency = statistics.median(book_lat)
     print(f"book predict() fp32        {book_tput:7.2f} images/s   latency median {book_latency * 1e3:6.1f} ms")
     for mode, (throughput, latency) in measured.items():
+        name = "ONNX Runtime (CPU)" if mode == "onnxruntime" else f"catdog predictor {mode}"
         print(
-            f"catdog predictor {mode:9s} {throughput:7.2f} images/s   latency median {latency * 1e3:6.1f} ms   "
+            f"{name:26s} {throughput:7.2f} images/s   latency median {latency * 1e3:6.1f} ms   "
             f"ratio {throughput / book_tput:5.2f}x throughput, {book_latency / latency:5.2f}x latency"
         )
+    onnx_tput, fp32_tput = measured["onnxruntime"][0], measured["fp32"][0]
+    print(
+        f"ONNX Runtime vs PyTorch fp32: {onnx_tput / fp32_tput:5.2f}x throughput "
+        f"(export took {export.seconds:.1f} s, {export.bytes / 2**20:.0f} MiB)"
+    )
     print(
         f"catdog predict CLI (int8)  {len(files) / cli_seconds:7.2f} images/s   (whole command: start, load, "
         f"calibrate, {len(files)} images: {cli_seconds:.1f} s)"

@@ -93,3 +93,25 @@ def autocast(device: torch.device, precision: Precision):
     if precision.autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=precision.autocast_dtype)
+
+
+def resolve_onnx_providers(name: str = "auto") -> list[str | tuple[str, dict]]:
+    """ONNX Runtime execution providers for `auto|cpu|cuda`: CUDA where this onnxruntime build has it (auto or
+    cuda), with the CPU provider always last so operators CUDA lacks still run."""
+    import onnxruntime
+
+    name = (name or "auto").lower()
+    if name not in ("auto", "cpu") and not name.startswith("cuda"):
+        raise ConfigError(f"ONNX Runtime runs a .onnx model on cpu or cuda, not {name!r}; use --device auto or cpu")
+    has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    if name.startswith("cuda") and not has_cuda:
+        raise ConfigError(
+            "--device cuda was asked for but this onnxruntime has no CUDA provider (install onnxruntime-gpu); "
+            "use --device auto or cpu"
+        )
+    if name.startswith("cuda") or (name == "auto" and has_cuda):
+        index = name.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise ConfigError(f"unknown device {name!r}; write cuda or cuda:N")
+        return [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]

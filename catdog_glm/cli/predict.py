@@ -19,7 +19,11 @@ def predict(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help="Checkpoint file or run folder (default: the best checkpoint under checkpoint/)."),
+        typer.Option(
+            "--checkpoint",
+            "--model",
+            help="Checkpoint, run folder or exported .onnx model (default: the best checkpoint under checkpoint/).",
+        ),
     ] = None,
     top_k: Annotated[int, typer.Option(help="Show the K most likely classes (0 = all).")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per line.")] = False,
@@ -33,19 +37,19 @@ def predict(
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = 64_000_000,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
-    """Predict the class of images with a trained checkpoint.
+    """Predict the class of images with a trained checkpoint (PyTorch) or an exported .onnx model (ONNX Runtime).
 
-    Example: catdog predict ../shared/data/catdog/val --json
+    Example: catdog predict ../shared/data/catdog/val --json   (or --model catdog.onnx for ONNX Runtime)
     """
     from catdog_glm.errors import ConfigError
     from catdog_glm.vision.checkpoint import default_checkpoint, find_checkpoint
-    from catdog_glm.vision.predictor import Predictor, resolve_inputs
+    from catdog_glm.vision.predictor import load_predictor, resolve_inputs
 
     if top_k < 0:
         raise ConfigError(f"--top-k must be >= 0, got {top_k}")
     path = find_checkpoint(checkpoint) if checkpoint else default_checkpoint()
     files, failures = resolve_inputs(inputs)
-    predictor = Predictor.from_checkpoint(path, device=device, precision=precision, max_pixels=max_pixels)
+    predictor = load_predictor(path, device=device, precision=precision, max_pixels=max_pixels)
     classes = predictor.classes if not top_k else None
     results = list(failures)
     with Progress(console=err_console, transient=True, disable=len(files) < 2 * batch_size) as progress:

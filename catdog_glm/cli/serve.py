@@ -14,7 +14,11 @@ from catdog_glm.cli._common import console, user_errors
 def serve_classifier(
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help="Checkpoint file or run folder (default: the best checkpoint under checkpoint/)."),
+        typer.Option(
+            "--checkpoint",
+            "--model",
+            help="Checkpoint, run folder or exported .onnx model (default: the best checkpoint under checkpoint/).",
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the page to your network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,

@@ -1,7 +1,7 @@
 """`catdog serve-classifier`: the book's Gradio page, made solid, plus a plain JSON route for curl users.
 
 One FastAPI app holds both: `POST /api/classify` (multipart field `file`), `GET /api/info`, `GET /health`, and
-the Gradio page mounted at `/`. Both call the same Predictor, loaded once.
+the Gradio page mounted at `/`. Both call the same predictor (PyTorch or ONNX Runtime), loaded once.
 Only imported by the serve commands, so it may import FastAPI at module level.
 """
 
@@ -22,7 +22,7 @@ from catdog_glm.errors import ConfigError
 from catdog_glm.vision.images import is_image_file, register_heif
 
 if TYPE_CHECKING:
-    from catdog_glm.vision.predictor import Predictor
+    from catdog_glm.vision.predictor import BasePredictor
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def find_examples(folder: str | Path | None, limit: int = MAX_EXAMPLES) -> list[
     return files[:limit]
 
 
-def build_page(predictor: Predictor, *, examples: list[str], max_batch_size: int, queue_size: int):
+def build_page(predictor: BasePredictor, *, examples: list[str], max_batch_size: int, queue_size: int):
     """The Gradio Blocks page: upload -> top-2 label, with model information and optional examples."""
     import gradio as gr
 
@@ -130,7 +130,7 @@ def build_page(predictor: Predictor, *, examples: list[str], max_batch_size: int
 
 
 def create_app(
-    predictor: Predictor,
+    predictor: BasePredictor,
     *,
     examples: list[str] | None = None,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
@@ -222,8 +222,8 @@ def serve(
     max_pixels: int | None = None,
     on_ready=None,
 ) -> None:
-    """Load the checkpoint once and serve the page and the API until interrupted."""
-    from catdog_glm.vision.predictor import Predictor
+    """Load the checkpoint (or exported .onnx model) once and serve the page and the API until interrupted."""
+    from catdog_glm.vision.predictor import load_predictor
 
     limit = parse_size(max_file_size)
     examples = find_examples(examples_dir)
@@ -235,7 +235,7 @@ def serve(
     os.environ.setdefault("GRADIO_TEMP_DIR", temp_dir)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, precision=precision, **kwargs)
+    predictor = load_predictor(checkpoint, device=device, precision=precision, **kwargs)
     try:
         if share:
             page = build_page(predictor, examples=examples, max_batch_size=max_batch_size, queue_size=queue_size)

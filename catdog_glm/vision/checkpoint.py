@@ -13,9 +13,10 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from catdog_glm.errors import CheckpointError
 from catdog_glm.vision.transforms import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
@@ -78,28 +79,33 @@ def clean_state_dict(state: dict) -> dict:
     return cleaned
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(f)` on a temp file in `path`'s folder, fsync, then rename it over `path`.
 
     A crash or SIGKILL at any moment leaves either the old file or the new one, never half of one.
     """
-    import torch
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is an ordinary file
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint or export is an ordinary file
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save `obj` to `path` atomically (see write_atomic)."""
+    import torch
+
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(
@@ -160,6 +166,11 @@ def _torch_load(path: Path) -> Any:
             return load_file(str(path))
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
+    if _is_torchscript(path):  # torch.load would warn, then suggest weights_only=False: say what the file is
+        raise CheckpointError(
+            f"{path} is a TorchScript archive (as `catdog export classifier --format torchscript` writes), not a "
+            "checkpoint; load it with torch.jit.load, or pass the checkpoint or a .onnx export here"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -171,6 +182,16 @@ def _torch_load(path: Path) -> Any:
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from e
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/__torch__/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict:
@@ -268,6 +289,10 @@ def find_checkpoint(folder: str | Path, which: str = BEST_NAME) -> Path:
     if folder.is_file():
         return folder
     if not folder.exists():
+        if folder.suffix.lower() == ".onnx":
+            raise CheckpointError(
+                f"model {folder} does not exist; export one with `catdog export classifier --out {folder}`"
+            )
         raise CheckpointError(
             f"checkpoint {folder} does not exist; train one with `catdog train` or pass --checkpoint PATH"
         )
