@@ -95,6 +95,17 @@ def autocast(device: torch.device, precision: Precision):
     return torch.autocast(device_type=device.type, dtype=precision.autocast_dtype)
 
 
+# Inference on a CPU runs fastest a few images at a time: the activations of 4 images at 256 px stay in cache,
+# those of 32 do not. Measured here (2 cores, ResNet50, 256 px, images/s at batch 4 vs 32): fp32 33 vs 21,
+# bf16 61 vs 38, int8 117 vs 95. GPUs want the whole batch.
+CPU_INFERENCE_CHUNK = 4
+
+
+def inference_chunk_size(device: torch.device) -> int | None:
+    """How many images one inference forward should take on `device` (None: the whole batch at once)."""
+    return CPU_INFERENCE_CHUNK if device.type == "cpu" else None
+
+
 def resolve_onnx_providers(name: str = "auto") -> list[str | tuple[str, dict]]:
     """ONNX Runtime execution providers for `auto|cpu|cuda`: CUDA where this onnxruntime build has it (auto or
     cuda), with the CPU provider always last so operators CUDA lacks still run."""

@@ -22,6 +22,21 @@ def test_preprocessing_is_the_training_one(synthetic_data, tiny_checkpoint, tmp_
     assert torch.equal(predictor.load(samples[0].path.read_bytes()), dataset.load(0))
 
 
+def test_cpu_inference_in_chunks_equals_one_forward(tiny_checkpoint):
+    from catdog_glm.device import Precision, inference_chunk_size
+    from catdog_glm.vision.checkpoint import build_model_from_checkpoint
+    from catdog_glm.vision.evaluate import infer_logits, run_model
+
+    cpu = torch.device("cpu")
+    model = build_model_from_checkpoint(load_checkpoint(tiny_checkpoint)).eval()
+    batch = torch.randint(0, 256, (2 * inference_chunk_size(cpu) + 1, 3, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        chunked = infer_logits(model, batch, cpu, Precision(None, False), channels_last=True)
+        whole = run_model(model, batch, cpu, Precision(None, False), channels_last=True)
+    assert chunked.shape == (len(batch), 2)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-4)
+
+
 def test_batched_equals_one_at_a_time(synthetic_data, tiny_checkpoint):
     predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32")
     paths = [s.path for s in discover(synthetic_data).split("val")]

@@ -229,13 +229,14 @@ def serve(
     examples = find_examples(examples_dir)
     if not port_is_free(host, port):
         raise ConfigError(f"port {port} on {host} is already in use; pass another --port")
+    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    predictor = load_predictor(checkpoint, device=device, precision=precision, **kwargs)
     # Gradio's uploads go to a temp folder of our own, removed at exit, so a long-running server
-    # does not fill the disk (delete_cache trims it while running).
+    # does not fill the disk (delete_cache trims it while running). Made after loading, so a model that
+    # fails to load leaves nothing behind.
     temp_dir = tempfile.mkdtemp(prefix="catdog-gradio-")
     os.environ.setdefault("GRADIO_TEMP_DIR", temp_dir)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    predictor = load_predictor(checkpoint, device=device, precision=precision, **kwargs)
     try:
         if share:
             page = build_page(predictor, examples=examples, max_batch_size=max_batch_size, queue_size=queue_size)

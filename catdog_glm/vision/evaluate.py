@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from catdog_glm.device import Precision, autocast
+from catdog_glm.device import Precision, autocast, inference_chunk_size
 from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 
 if TYPE_CHECKING:
@@ -66,6 +66,20 @@ def run_model(
         return model(x).float()
 
 
+def infer_logits(
+    model, batch_uint8, device, precision: Precision, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD
+):
+    """`run_model` for inference (eval mode, no gradients): the batch in chunks of the size the device runs
+    fastest (see `device.inference_chunk_size`); the same logits as one forward of the whole batch, up to rounding."""
+    import torch
+
+    chunk = inference_chunk_size(device) or len(batch_uint8)
+    if len(batch_uint8) <= chunk:
+        return run_model(model, batch_uint8, device, precision, channels_last, mean, std)
+    parts = batch_uint8.split(chunk)
+    return torch.cat([run_model(model, part, device, precision, channels_last, mean, std) for part in parts])
+
+
 def evaluate(
     model,
     loader,
@@ -94,7 +108,7 @@ def evaluate(
             if batch is None:
                 continue
             images, labels, indices = batch
-            logits = run_model(model, images, device, precision, channels_last, mean, std).cpu()
+            logits = infer_logits(model, images, device, precision, channels_last, mean, std).cpu()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             predicted = logits.argmax(1)
             confusion += torch.bincount(labels * k + predicted, minlength=k * k).view(k, k)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from catdog_glm.device import Precision, cpu_supports_bf16, resolve_device, resolve_onnx_providers
 from catdog_glm.errors import CheckpointError, ConfigError, ImageError
 from catdog_glm.vision.checkpoint import ClassifierCheckpoint, build_model_from_checkpoint, load_checkpoint
-from catdog_glm.vision.evaluate import run_model
+from catdog_glm.vision.evaluate import infer_logits
 from catdog_glm.vision.images import DEFAULT_MAX_PIXELS, is_image_file
 from catdog_glm.vision.quantize import fold_batchnorm, int8_supported, quantize_int8, within_tolerance
 from catdog_glm.vision.transforms import load_resized, normalize_batch
@@ -216,7 +216,7 @@ class Predictor(BasePredictor):
         import torch
 
         with self._lock, torch.inference_mode():
-            logits = run_model(
+            logits = infer_logits(
                 self.model,
                 batch_uint8,
                 self.device,
