@@ -136,6 +136,7 @@ def _onnx_without_catdog_metadata(path):
         "unknown format",
         "missing checkpoint",
         "missing onnx",
+        "eval onnx",
         "text as onnx",
         "foreign onnx",
         "precision",
@@ -165,6 +166,10 @@ def test_bad_inputs_exit_1_with_one_error_line(case, tiny_onnx, tiny_checkpoint,
         "missing onnx": (
             lambda: ["predict", image, "--model", tmp_path / "gone.onnx"],
             "export one with `catdog export classifier",
+        ),
+        "eval onnx": (
+            lambda: ["eval", "--checkpoint", onnx_path, "--data", synthetic_data],
+            "is an exported ONNX model, not a training checkpoint",
         ),
         "text as onnx": (lambda: ["predict", image, "--model", text], "is not an ONNX model"),
         "foreign onnx": (

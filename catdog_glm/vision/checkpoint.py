@@ -234,6 +234,11 @@ def infer_resnet_arch(state: dict) -> str | None:
 def load_checkpoint(path: str | Path) -> ClassifierCheckpoint:
     """Load a catdog checkpoint or a bare torchvision-ResNet state_dict (the book's latest_checkpoint.pth)."""
     path = Path(path).expanduser()
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(
+            f"{path} is an exported ONNX model, not a training checkpoint: `catdog predict --model {path.name}` and "
+            "`catdog serve-classifier --model` run it; this command needs the checkpoint (best.pt)"
+        )
     obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if int(obj.get("format_version", 0)) > FORMAT_VERSION:
