@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 
 from catdog_glm.errors import ConfigError
@@ -75,3 +76,21 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+_SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str | int, *, option: str, minimum: int = 1) -> int:
+    """'10mb', '2GB', '1.5GiB', '512kb' or a byte count -> bytes (binary units), at least `minimum`."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+        if not match:
+            raise ConfigError(f"{option} must look like 10mb, 2GB or a byte count, got {text!r}")
+        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size < minimum:
+        shown = f"{minimum // 2**20}MB" if minimum >= 2**20 else f"{minimum} byte(s)"
+        raise ConfigError(f"{option} must be at least {shown}, got {text!r}")
+    return size

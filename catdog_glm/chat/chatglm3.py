@@ -199,12 +199,8 @@ def read_shard_tensors(shard: Path) -> Iterator[tuple[str, Any]]:
         yield name, state.pop(name)
 
 
-def load_chatglm3(path: str | Path, *, dtype=None, on_shard: Callable[[int, int], None] | None = None):
-    """(GlmForCausalLM, ChatGLM3Tokenizer) from a published ChatGLM3 folder, one shard in memory at a time."""
-    import torch
-    from transformers import GlmForCausalLM
-
-    path = Path(path)
+def read_chatglm3_folder(path: Path):
+    """(GlmConfig, ChatGLM3Tokenizer) of a ChatGLM3 folder, checked to fit each other."""
     for required in ("config.json", "tokenizer.model"):
         if not (path / required).is_file():
             raise ModelError(f"{path} is not a complete ChatGLM3 folder: {required} is missing")
@@ -214,6 +210,16 @@ def load_chatglm3(path: str | Path, *, dtype=None, on_shard: Callable[[int, int]
         raise ModelError(
             f"{path}: tokenizer.model has {tokenizer.vocab_size} ids but padded_vocab_size is {config.vocab_size}"
         )
+    return config, tokenizer
+
+
+def load_chatglm3(path: str | Path, *, dtype=None, on_shard: Callable[[int, int], None] | None = None):
+    """(GlmForCausalLM, ChatGLM3Tokenizer) from a published ChatGLM3 folder, one shard in memory at a time."""
+    import torch
+    from transformers import GlmForCausalLM
+
+    path = Path(path)
+    config, tokenizer = read_chatglm3_folder(path)
     dtype = dtype or torch.float32
     with torch.device("meta"):
         model = GlmForCausalLM(config)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -30,13 +29,13 @@ from catdog_glm.chat.chatglm3 import (
     EOS_ID,
     ROLES,
     SPECIAL_TOKENS,
-    ChatGLM3Tokenizer,
-    glm_config,
     is_chatglm3_folder,
     map_weights,
+    read_chatglm3_folder,
     read_shard_tensors,
     weight_shards,
 )
+from catdog_glm.config import parse_size
 from catdog_glm.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ _SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "max_length", "r
 CHAT_TEMPLATE = (
     "[gMASK]sop"
     "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant', 'observation'] -%}"
+    f"{{%- if message['role'] not in {list(ROLES)!r} -%}}"
     "{{ raise_exception('ChatGLM3 knows the roles system, user, assistant and observation, not ' ~ message['role']) }}"
     "{%- endif -%}"
     "<|{{ message['role'] }}|>"
@@ -62,7 +61,6 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
-assert all(f"'{role}'" in CHAT_TEMPLATE for role in ROLES)
 
 
 @dataclass
@@ -73,18 +71,6 @@ class ExportedChat:
     dtype: str
     bytes: int
     seconds: float
-
-
-def parse_size(text: str) -> int:
-    """'2GB', '500MB', '1.5GiB', '1000000' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not match:
-        raise ConfigError(f"--max-shard-size must look like 2GB, 500MB or a byte count, got {text!r}")
-    number, unit = float(match.group(1)), match.group(2).replace("I", "").rstrip("B") or ""
-    size = int(number * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
-    if size < 2**20:
-        raise ConfigError(f"--max-shard-size must be at least 1MB, got {text!r}")
-    return size
 
 
 def _read_spm_proto(model_file: Path):
@@ -239,24 +225,17 @@ def export_chatglm3(
     source, out = Path(source).expanduser(), Path(out).expanduser()
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    max_bytes = parse_size(max_shard_size, option="--max-shard-size", minimum=2**20)
     if not source.is_dir():
         raise ModelError(f"{source} is not a folder; pass the ChatGLM3 folder (config.json, tokenizer.model, shards)")
     if not is_chatglm3_folder(source):
         raise ModelError(f"{source} is not a ChatGLM3 folder: its config.json does not say model_type chatglm")
-    if not (source / "tokenizer.model").is_file():
-        raise ModelError(f"{source} is not a complete ChatGLM3 folder: tokenizer.model is missing")
+    config, chat_tokenizer = read_chatglm3_folder(source)
     _check_out(out, overwrite)
     if out.resolve() == source.resolve():
         raise ConfigError("--out must differ from --model")
     shards = weight_shards(source)
     torch_dtype = getattr(torch, EXPORT_DTYPES[dtype])
-
-    chatglm = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    config = glm_config(chatglm)
-    chat_tokenizer = ChatGLM3Tokenizer(source / "tokenizer.model")
-    if chat_tokenizer.vocab_size > config.vocab_size:
-        raise ModelError(f"{source}: tokenizer.model has more ids than padded_vocab_size ({config.vocab_size})")
     fast = build_fast_tokenizer(source / "tokenizer.model")
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in GlmForCausalLM(config).state_dict().items()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -12,6 +14,19 @@ from rich.console import Console
 from catdog_glm.errors import CatdogError
 
 console = Console()
+# Options shared by `predict` and `serve-classifier`.
+ClassifierModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        "--model",
+        help="Checkpoint, run folder or exported .onnx model (default: the best checkpoint under checkpoint/).",
+    ),
+]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(help="auto (the fastest of int8/bf16/fp32 validated for this checkpoint), fp32, bf16 or int8."),
+]
 err_console = Console(stderr=True)
 
 

@@ -68,10 +68,10 @@ def export_classifier(
 
     Example: catdog export classifier --checkpoint checkpoint/best.pt --out catdog.onnx
     """
-    from catdog_glm.vision.checkpoint import default_checkpoint, find_checkpoint
+    from catdog_glm.vision.checkpoint import resolve_checkpoint
     from catdog_glm.vision.export import export_classifier as export
 
-    path = find_checkpoint(checkpoint) if checkpoint else default_checkpoint()
+    path = resolve_checkpoint(checkpoint)
     with console.status(f"exporting {path} as {format}"):
         result = export(path, out, fmt=format, overwrite=overwrite)
     console.print(

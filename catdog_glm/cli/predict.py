@@ -11,29 +11,19 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from catdog_glm.cli._common import console, err_console, user_errors
+from catdog_glm.cli._common import ClassifierModelOption, PrecisionOption, console, err_console, user_errors
 
 
 @user_errors
 def predict(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint",
-            "--model",
-            help="Checkpoint, run folder or exported .onnx model (default: the best checkpoint under checkpoint/).",
-        ),
-    ] = None,
+    checkpoint: ClassifierModelOption = None,
     top_k: Annotated[int, typer.Option(help="Show the K most likely classes (0 = all).")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per line.")] = False,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="Also write the rows to this CSV file.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    precision: Annotated[
-        str,
-        typer.Option(help="auto (the fastest of int8/bf16/fp32 validated for this checkpoint), fp32, bf16 or int8."),
-    ] = "auto",
+    precision: PrecisionOption = "auto",
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = 64_000_000,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
@@ -42,12 +32,12 @@ def predict(
     Example: catdog predict ../shared/data/catdog/val --json   (or --model catdog.onnx for ONNX Runtime)
     """
     from catdog_glm.errors import ConfigError
-    from catdog_glm.vision.checkpoint import default_checkpoint, find_checkpoint
+    from catdog_glm.vision.checkpoint import resolve_checkpoint
     from catdog_glm.vision.predictor import load_predictor, resolve_inputs
 
     if top_k < 0:
         raise ConfigError(f"--top-k must be >= 0, got {top_k}")
-    path = find_checkpoint(checkpoint) if checkpoint else default_checkpoint()
+    path = resolve_checkpoint(checkpoint)
     files, failures = resolve_inputs(inputs)
     predictor = load_predictor(path, device=device, precision=precision, max_pixels=max_pixels)
     classes = predictor.classes if not top_k else None

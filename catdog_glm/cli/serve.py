@@ -7,19 +7,12 @@ from typing import Annotated
 
 import typer
 
-from catdog_glm.cli._common import console, user_errors
+from catdog_glm.cli._common import ClassifierModelOption, PrecisionOption, console, user_errors
 
 
 @user_errors
 def serve_classifier(
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint",
-            "--model",
-            help="Checkpoint, run folder or exported .onnx model (default: the best checkpoint under checkpoint/).",
-        ),
-    ] = None,
+    checkpoint: ClassifierModelOption = None,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the page to your network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
     share: Annotated[
@@ -34,10 +27,7 @@ def serve_classifier(
     queue_size: Annotated[int, typer.Option(help="Requests allowed to wait in the queue.")] = 64,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = 64_000_000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    precision: Annotated[
-        str,
-        typer.Option(help="auto (the fastest of int8/bf16/fp32 validated for this checkpoint), fp32, bf16 or int8."),
-    ] = "auto",
+    precision: PrecisionOption = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
     """Serve a trained classifier as a Gradio page plus a JSON route (POST /api/classify).
@@ -45,9 +35,9 @@ def serve_classifier(
     Example: catdog serve-classifier --checkpoint checkpoint/best.pt --examples ../shared/data/catdog/val
     """
     from catdog_glm.serve.classifier import model_markdown, serve
-    from catdog_glm.vision.checkpoint import default_checkpoint, find_checkpoint
+    from catdog_glm.vision.checkpoint import resolve_checkpoint
 
-    path = find_checkpoint(checkpoint) if checkpoint else default_checkpoint()
+    path = resolve_checkpoint(checkpoint)
 
     def ready(predictor, url: str, shared: bool) -> None:
         console.print(model_markdown(predictor.info()).replace("**", ""), highlight=False)

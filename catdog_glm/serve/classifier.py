@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 # package itself is only imported inside the commands that need it.
 from fastapi import FastAPI, Request
 
+from catdog_glm.config import parse_size
 from catdog_glm.errors import ConfigError
 from catdog_glm.vision.images import is_image_file, register_heif
 
@@ -30,25 +31,6 @@ TITLE = "Cat vs Dog Classifier"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 DEFAULT_MAX_FILE_SIZE = 10 * 1024 * 1024  # bytes, for the page and the JSON route alike
 MAX_EXAMPLES = 24
-
-
-def parse_size(text: str | int) -> int:
-    """'10mb' / '512kb' / '1gb' / 1048576 -> bytes."""
-    if isinstance(text, int):
-        return text
-    value = text.strip().lower()
-    number, factor = value, 1
-    for suffix, multiplier in (("gb", 1 << 30), ("mb", 1 << 20), ("kb", 1 << 10), ("b", 1)):
-        if value.endswith(suffix):
-            number, factor = value[: -len(suffix)].strip(), multiplier
-            break
-    try:
-        size = int(float(number) * factor)
-    except ValueError:
-        raise ConfigError(f"cannot read the size {text!r}; write it like 10mb, 512kb or 1048576") from None
-    if size <= 0:
-        raise ConfigError(f"a size limit must be positive, got {text!r}")
-    return size
 
 
 def model_markdown(info: dict) -> str:
@@ -225,7 +207,7 @@ def serve(
     """Load the checkpoint (or exported .onnx model) once and serve the page and the API until interrupted."""
     from catdog_glm.vision.predictor import load_predictor
 
-    limit = parse_size(max_file_size)
+    limit = parse_size(max_file_size, option="--max-file-size")
     examples = find_examples(examples_dir)
     if not port_is_free(host, port):
         raise ConfigError(f"port {port} on {host} is already in use; pass another --port")

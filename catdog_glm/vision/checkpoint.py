@@ -307,6 +307,11 @@ def find_checkpoint(folder: str | Path, which: str = BEST_NAME) -> Path:
     raise CheckpointError(f"no checkpoint found in {folder}; train one with `catdog train` or pass --checkpoint")
 
 
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """The file a `--checkpoint` option names: `find_checkpoint(path)`, or `default_checkpoint()` when not given."""
+    return find_checkpoint(path) if path else default_checkpoint()
+
+
 def default_checkpoint(root: str | Path = "checkpoint") -> Path:
     """The best checkpoint under `root`: root/best.pt, else the newest best.pt (then last.pt) below it."""
     root = Path(root)
