@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from catdog_glm.chat.loading import ChatModel
@@ -225,6 +225,30 @@ class ChatEngine:
             truncated_messages=dropped,
             token_ids=generated,
         )
+
+
+def load_engine(
+    spec: str | None = None,
+    *,
+    quantize: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ChatEngine:
+    """The engine factory every front end uses: load `spec` (None = the embedded default) and wrap it.
+    `on_progress(done, total)` is called per weight shard, so a caller can draw its own progress."""
+    from catdog_glm.chat.loading import load_chat_model
+
+    chat_model = load_chat_model(
+        spec,
+        dtype=dtype,
+        device=device,
+        quantize=quantize,
+        trust_remote_code=trust_remote_code,
+        on_progress=on_progress,
+    )
+    return ChatEngine(chat_model)
 
 
 def _safe_length(text: str, stops: list[str]) -> int:

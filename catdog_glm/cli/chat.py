@@ -30,12 +30,11 @@ TrustRemoteCodeOption = Annotated[
 
 
 def load_engine(model, quantize, dtype, device, trust_remote_code):
-    """Load a chat model with a progress line and return a ChatEngine (shared with serve-chat)."""
+    """The library's engine factory with a progress line and a one-line summary on stderr (CLI rendering only)."""
     from rich.progress import Progress
     from transformers.utils import logging as hf_logging
 
-    from catdog_glm.chat.engine import ChatEngine
-    from catdog_glm.chat.loading import load_chat_model
+    from catdog_glm.chat.engine import load_engine as build_engine
 
     # our own progress line replaces transformers' per-tensor bars and notices
     hf_logging.set_verbosity_error()
@@ -47,21 +46,20 @@ def load_engine(model, quantize, dtype, device, trust_remote_code):
         def on_shard(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total, description=f"loading {label} (shard {done}/{total})")
 
-        chat_model = load_chat_model(
+        engine = build_engine(
             model,
+            quantize=quantize,
             dtype=dtype,
             device=device,
-            quantize=quantize,
             trust_remote_code=trust_remote_code,
             on_progress=on_shard,
         )
-    engine = ChatEngine(chat_model)
     i = engine.info()
     err_console.print(
         f"[bold]{i['name']}[/] · {i['kind']} · {i['parameters'] / 1e6:.0f}M parameters · {i['dtype']} · "
         f"{i['device']} · quantization {i['quantization']} · weights {i['weight_mib']:.0f} MiB · "
         f"context {i['context_window']} · "
-        f"loaded in {chat_model.load_seconds:.1f} s",
+        f"loaded in {engine.model.load_seconds:.1f} s",
         highlight=False,
     )
     return engine

@@ -18,18 +18,15 @@ API_KEY = os.environ.get("CATDOG_ST_API_KEY") or None
 
 @st.cache_resource(show_spinner="Loading the model ...")
 def get_engine():
-    from catdog_glm.chat.engine import ChatEngine
-    from catdog_glm.chat.loading import load_chat_model
+    from catdog_glm.chat.engine import load_engine
 
     quantize = os.environ.get("CATDOG_ST_QUANTIZE")
-    return ChatEngine(
-        load_chat_model(
-            os.environ.get("CATDOG_ST_MODEL") or None,
-            quantize=int(quantize) if quantize else None,
-            dtype=os.environ.get("CATDOG_ST_DTYPE", "auto"),
-            device=os.environ.get("CATDOG_ST_DEVICE", "auto"),
-            trust_remote_code=os.environ.get("CATDOG_ST_TRUST_REMOTE_CODE") == "1",
-        )
+    return load_engine(
+        os.environ.get("CATDOG_ST_MODEL") or None,
+        quantize=int(quantize) if quantize else None,
+        dtype=os.environ.get("CATDOG_ST_DTYPE", "auto"),
+        device=os.environ.get("CATDOG_ST_DEVICE", "auto"),
+        trust_remote_code=os.environ.get("CATDOG_ST_TRUST_REMOTE_CODE") == "1",
     )
 
 
