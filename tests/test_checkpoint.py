@@ -12,6 +12,7 @@ from torchvision import models
 
 from catdog_glm.errors import CheckpointError
 from catdog_glm.vision import checkpoint as ck
+from catdog_glm.vision import state_dict as sd
 
 
 def _resnet18_state(num_classes=2):
@@ -43,7 +44,7 @@ def test_round_trip_is_self_describing(tmp_path):
 
 def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    ck.save_atomic({"v": torch.tensor([1])}, path)
+    sd.save_atomic({"v": torch.tensor([1])}, path)
 
     def dying_save(obj, f):
         f.write(b"half a checkpoint")
@@ -51,7 +52,7 @@ def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        ck.save_atomic({"v": torch.tensor([2])}, path)
+        sd.save_atomic({"v": torch.tensor([2])}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["v"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind

@@ -6,7 +6,7 @@ from catdog_glm.chat.engine import ChatEngine
 from catdog_glm.errors import ConfigError
 from catdog_glm.serve.chat_api import ApiLimits, create_api
 from catdog_glm.serve.chat_page import build_chat_page
-from catdog_glm.serve.classifier import port_is_free
+from catdog_glm.serve.net import port_is_free
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 

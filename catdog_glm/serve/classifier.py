@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 
 from catdog_glm.config import parse_size
 from catdog_glm.errors import ConfigError
+from catdog_glm.serve.net import DEFAULT_HOST, DEFAULT_PORT, require_free_port
 from catdog_glm.vision.images import is_image_file, register_heif
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TITLE = "Cat vs Dog Classifier"
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 DEFAULT_MAX_FILE_SIZE = 10 * 1024 * 1024  # bytes, for the page and the JSON route alike
 MAX_EXAMPLES = 24
 
@@ -177,17 +177,6 @@ def create_app(
     )
 
 
-def port_is_free(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
 def serve(
     checkpoint: str | Path,
     *,
@@ -209,8 +198,7 @@ def serve(
 
     limit = parse_size(max_file_size, option="--max-file-size")
     examples = find_examples(examples_dir)
-    if not port_is_free(host, port):
-        raise ConfigError(f"port {port} on {host} is already in use; pass another --port")
+    require_free_port(host, port)
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
     predictor = load_predictor(checkpoint, device=device, precision=precision, **kwargs)
     # Gradio's uploads go to a temp folder of our own, removed at exit, so a long-running server

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from catdog_glm.errors import ConfigError
-from catdog_glm.serve.classifier import port_is_free
+from catdog_glm.serve.net import port_is_free
 
 APP_FILE = Path(__file__).with_name("streamlit_app.py")
 

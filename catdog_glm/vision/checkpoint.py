@@ -9,16 +9,14 @@ library versions travel with the weights, and eval/predict/serve need nothing bu
 from __future__ import annotations
 
 import logging
-import os
-import pickle
 import re
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from catdog_glm.errors import CheckpointError
+from catdog_glm.vision.model import build_model
+from catdog_glm.vision.state_dict import clean_state_dict, safe_load, save_atomic, unwrap_state_dict
 from catdog_glm.vision.transforms import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -28,8 +26,6 @@ FORMAT_VERSION = 1
 BEST_NAME, LAST_NAME = "best.pt", "last.pt"
 # The book trains on ImageFolder('cat', 'dog'): label 0 is cat, 1 is dog.
 BOOK_CLASSES = ["cat", "dog"]
-_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "model_state")
-_STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass
@@ -63,49 +59,6 @@ def library_versions() -> dict[str, str]:
         "torchvision": str(torchvision.__version__),
         "python": platform.python_version(),
     }
-
-
-def clean_state_dict(state: dict) -> dict:
-    """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
-    cleaned = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _STRIP_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        cleaned[key] = value
-    return cleaned
-
-
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(f)` on a temp file in `path`'s folder, fsync, then rename it over `path`.
-
-    A crash or SIGKILL at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint or export is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to `path` atomically (see write_atomic)."""
-    import torch
-
-    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(
@@ -145,71 +98,13 @@ def save_checkpoint(
 def update_checkpoint(path: str | Path, *, metrics: dict | None = None, calibration=None) -> None:
     """Add metrics (merged) and calibration images to an existing catdog checkpoint, atomically."""
     path = Path(path)
-    obj = _torch_load(path)
+    obj = safe_load(path)
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise CheckpointError(f"{path} is not a catdog checkpoint")
     obj["metrics"] = {**obj.get("metrics", {}), **(metrics or {})}
     if calibration is not None:
         obj["calibration"] = calibration
     save_atomic(obj, path)
-
-
-def _torch_load(path: Path) -> Any:
-    import torch
-
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
-    if _is_torchscript(path):  # torch.load would warn, then suggest weights_only=False: say what the file is
-        raise CheckpointError(
-            f"{path} is a TorchScript archive (as `catdog export classifier --format torchscript` writes), not a "
-            "checkpoint; load it with torch.jit.load, or pass the checkpoint or a .onnx export here"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", str(e))
-        detail = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"refused to load {path}: it is not a plain weights file{detail}; arbitrary pickles can run code, so "
-            "only tensors and plain values are accepted (re-save it as a state_dict from a trusted environment)"
-        ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from e
-
-
-def _is_torchscript(path: Path) -> bool:
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any("/code/__torch__/" in name for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def _unwrap_state_dict(obj: Any, path: Path) -> dict:
-    if isinstance(obj, dict):
-        for key in _WRAPPER_KEYS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-        import torch
-
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return clean_state_dict(obj)
-    raise CheckpointError(f"{path} holds no model state_dict")
-
-
-def read_state_dict(path: Path) -> dict:
-    """Model weights from any supported file: a catdog checkpoint, a bare state_dict or a common wrapper."""
-    return _unwrap_state_dict(_torch_load(Path(path)), Path(path))
 
 
 _RESNET_DEPTHS = {  # (blocks per stage, bottleneck) -> torchvision name
@@ -239,7 +134,7 @@ def load_checkpoint(path: str | Path) -> ClassifierCheckpoint:
             f"{path} is an exported ONNX model, not a training checkpoint: `catdog predict --model {path.name}` and "
             "`catdog serve-classifier --model` run it; this command needs the checkpoint (best.pt)"
         )
-    obj = _torch_load(path)
+    obj = safe_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if int(obj.get("format_version", 0)) > FORMAT_VERSION:
             raise CheckpointError(
@@ -260,7 +155,7 @@ def load_checkpoint(path: str | Path) -> ClassifierCheckpoint:
             source="catdog",
             raw=obj,
         )
-    state = _unwrap_state_dict(obj, path)
+    state = unwrap_state_dict(obj, path)
     arch = infer_resnet_arch(state)
     head = state.get("fc.weight")
     if arch is None or head is None:
@@ -276,8 +171,6 @@ def load_checkpoint(path: str | Path) -> ClassifierCheckpoint:
 
 def build_model_from_checkpoint(ckpt: ClassifierCheckpoint):
     """The checkpoint's model with its weights loaded, in eval mode, on the CPU."""
-    from catdog_glm.vision.model import build_model
-
     model = build_model(ckpt.arch, len(ckpt.classes))
     try:
         model.load_state_dict(ckpt.model_state)

@@ -19,12 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from catdog_glm.errors import CheckpointError, ConfigError
-from catdog_glm.vision.checkpoint import (
-    ClassifierCheckpoint,
-    build_model_from_checkpoint,
-    load_checkpoint,
-    write_atomic,
-)
+from catdog_glm.vision.checkpoint import ClassifierCheckpoint, build_model_from_checkpoint, load_checkpoint
+from catdog_glm.vision.state_dict import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from catdog_glm.errors import ConfigError, WeightsUnavailableError
+from catdog_glm.vision.state_dict import read_state_dict
 
 if TYPE_CHECKING:
     import torch
@@ -112,8 +113,6 @@ def load_imagenet_state(arch: str) -> dict:
 
 def load_pretrained(model, arch: str, pretrained: str) -> str:
     """Load `imagenet`, `none` or a weights file into `model`, skipping the head. Returns a description."""
-    from catdog_glm.vision.checkpoint import read_state_dict
-
     if pretrained in ("none", "", None):
         return "random init"
     if pretrained == "imagenet":
