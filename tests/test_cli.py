@@ -133,8 +133,9 @@ def test_train_then_eval_json_and_plot(synthetic_data, tmp_path):
     )
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)
-    assert {"accuracy", "loss", "n", "per_class", "confusion_matrix", "classes"} <= report.keys()
+    assert {"accuracy", "loss", "n", "per_class", "confusion_matrix", "classes", "split", "scored"} <= report.keys()
     assert report["n"] == 8 and sum(map(sum, report["confusion_matrix"])) == 8
+    assert report["split"] == "val" and "the training run's val split" in report["scored"]
     assert (tmp_path / "cm.png").stat().st_size > 1000
     tables = run("eval", "--checkpoint", out_dir, "--data", synthetic_data, "--split", "train")
     assert tables.returncode == 0 and "Per class" in tables.stdout and "Confusion matrix" in tables.stdout
@@ -146,3 +147,74 @@ def test_data_synth(tmp_path):
     assert len(list((tmp_path / "s").rglob("*.jpg"))) == 16
     again = run("data", "synth", tmp_path / "s")
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def _eval_json(*args, cwd=None) -> dict:
+    out = run("eval", *args, "--json", cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_eval_scores_every_image_of_a_folder_of_class_folders(synthetic_data, tiny_checkpoint, tmp_path):
+    photos = tmp_path / "test_photos"  # another source: class folders, no split folders
+    for c in ("cat", "dog"):
+        for i, p in enumerate(sorted((synthetic_data / "train" / c).glob("*.jpg"))[:7]):
+            (photos / c).mkdir(parents=True, exist_ok=True)
+            (photos / c / f"{i}.jpg").write_bytes(p.read_bytes())
+    out = run("eval", "--checkpoint", tiny_checkpoint, "--data", photos)
+    assert out.returncode == 0, out.stderr
+    assert f"scored on 14 images: every image in {photos}" in out.stdout
+    report = _eval_json("--checkpoint", tiny_checkpoint, "--data", photos)
+    assert report["n"] == 14 and report["split"] == "all"
+
+
+@pytest.mark.parametrize("only", ["val", "test"])
+def test_eval_on_a_folder_with_only_one_split_folder(synthetic_data, tiny_checkpoint, tmp_path, only):
+    root = tmp_path / "photos"
+    for c in ("cat", "dog"):
+        (root / only / c).mkdir(parents=True)
+        for p in sorted((synthetic_data / "train" / c).glob("*.jpg"))[:5]:
+            (root / only / c / p.name).write_bytes(p.read_bytes())
+    report = _eval_json("--checkpoint", tiny_checkpoint, "--data", root)
+    assert report["n"] == 10 and report["split"] == only and report["classes"] == ["cat", "dog"]
+    assert f"{only}/" in report["scored"]
+
+
+def test_eval_on_the_training_data_needs_no_split_flags(synthetic_data, tmp_path):
+    """A plain class-folder dataset split by --val-split/--seed: eval finds the run's own val split by itself."""
+    import shutil
+
+    from catdog_glm.config import TrainConfig
+    from catdog_glm.vision.checkpoint import load_checkpoint
+    from catdog_glm.vision.data import discover
+    from catdog_glm.vision.trainer import train
+
+    pets = tmp_path / "pets"
+    for c in ("cat", "dog"):
+        shutil.copytree(synthetic_data / "train" / c, pets / c)
+    cfg = TrainConfig(
+        data=str(pets),
+        output=str(tmp_path / "run"),
+        arch="resnet18",
+        pretrained="none",
+        epochs=1,
+        image_size=32,
+        val_split=0.25,
+        seed=7,
+        tracker="none",
+        progress=False,
+        workers=0,
+        int8=False,
+    )
+    train(cfg)
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    val = discover(pets, val_split=0.25, seed=7).split("val")
+    assert len(val) == 6
+    for args, cwd in (
+        (["--checkpoint", tmp_path / "run"], None),
+        (["--checkpoint", "run/best.pt", "--data", "pets"], tmp_path),
+    ):
+        report = _eval_json(*args, cwd=cwd)  # no --data at all, then the data by another (relative) path
+        assert report["n"] == len(val) and report["split"] == "val"
+        assert "25% held out for val with seed 7" in report["scored"]
+        assert report["accuracy"] == pytest.approx(best.metrics["val_acc"])

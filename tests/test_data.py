@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from catdog_glm.errors import DataError
-from catdog_glm.vision.data import discover, subsample
+from catdog_glm.vision.data import discover, select_eval_images, subsample
 from tests.conftest import save_image
 
 
 def _folder(root, split_names=("train", "val"), classes=("cat", "dog"), n=3):
-    for split in split_names:
+    for split in split_names:  # "" for class folders right under root
         for c in classes:
             for i in range(n):
                 save_image(root / split / c / f"{c}_{i}.jpg")
@@ -109,3 +109,48 @@ def test_subsample_is_balanced_and_seeded(tmp_path):
     assert len(picked) == 6
     assert sorted(s.label for s in picked) == [0, 0, 0, 1, 1, 1]
     assert picked == subsample(train, 6, seed=3)
+
+
+@pytest.mark.parametrize("only", ["val", "test"])
+def test_a_folder_with_only_one_split_folder_is_that_split(tmp_path, only):
+    _folder(tmp_path, (only,), n=4)
+    picked = select_eval_images(tmp_path)
+    assert picked.split == only and len(picked.samples) == 8
+    assert {c for _, c in picked.samples} == {"cat", "dog"}  # not one class named after the split
+    assert f"{only}/" in picked.description
+    with pytest.raises(DataError, match=f"has {only}/ but no training split"):
+        discover(tmp_path)
+
+
+def test_a_folder_of_class_folders_is_scored_whole(tmp_path):
+    _folder(tmp_path / "photos", ("",), n=5)
+    picked = select_eval_images(tmp_path / "photos")
+    assert picked.split == "all" and len(picked.samples) == 10
+    assert "every image" in picked.description
+    held_out = select_eval_images(tmp_path / "photos", split="val", val_split=0.2, seed=1)
+    assert len(held_out.samples) == 2 and "20% held out" in held_out.description
+
+
+def test_split_folders_default_to_test_then_val(tmp_path):
+    _folder(tmp_path, ("train", "val", "test"), n=2)
+    assert select_eval_images(tmp_path).split == "test"
+    assert select_eval_images(tmp_path, split="val").split == "val"
+    assert len(select_eval_images(tmp_path, split="all").samples) == 12
+    with pytest.raises(DataError, match="--split must be one of"):
+        select_eval_images(tmp_path, split="dev")
+
+
+def test_the_training_runs_own_data_gets_its_val_split(tmp_path):
+    for c in ("cat", "dog"):
+        for i in range(10):
+            save_image(tmp_path / "pets" / c / f"{i}.png")
+    run = {"data": str(tmp_path / "pets"), "val_split": 0.3, "seed": 7, "val_limit": 0}
+    picked = select_eval_images(tmp_path / "pets", training=run)
+    expected = discover(tmp_path / "pets", val_split=0.3, seed=7).split("val")
+    assert picked.split == "val" and [p for p, _ in picked.samples] == [s.path for s in expected]
+    assert "30% held out for val with seed 7" in picked.description
+    limited = select_eval_images(tmp_path / "pets", training=run | {"val_limit": 4})
+    assert [p for p, _ in limited.samples] == [s.path for s in subsample(expected, 4, seed=7)]
+    # recognized by the absolute root the checkpoint records too, whatever the working directory
+    moved = select_eval_images(tmp_path / "pets", training=run | {"data": "pets", "data_root": str(tmp_path / "pets")})
+    assert moved.split == "val" and len(moved.samples) == 6

@@ -60,7 +60,7 @@ def test_torchrun_two_processes_on_cpu(synthetic_data, tmp_path):
     assert len((out_dir / "results.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
     assert (out_dir / "confusion_matrix.png").is_file()
     # The ranks' summed confusion matrices must equal one process evaluating the whole val split.
-    single, _, _ = evaluate_checkpoint(out_dir / "best.pt", synthetic_data, device="cpu")
+    single = evaluate_checkpoint(out_dir / "best.pt", synthetic_data, device="cpu").result
     assert single.n == 8
     assert best.metrics["val_acc"] == pytest.approx(single.accuracy)
     last = load_checkpoint(out_dir / "last.pt")

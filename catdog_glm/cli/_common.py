@@ -14,7 +14,7 @@ from rich.console import Console
 from catdog_glm.errors import CatdogError
 
 console = Console()
-# Options shared by `predict` and `serve-classifier`.
+# Options shared by the classifier commands; every --checkpoint goes through vision.checkpoint.resolve_checkpoint.
 ClassifierModelOption = Annotated[
     Path | None,
     typer.Option(
@@ -22,6 +22,10 @@ ClassifierModelOption = Annotated[
         "--model",
         help="Checkpoint, run folder or exported .onnx model (default: the best checkpoint under checkpoint/).",
     ),
+]
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option(help="Checkpoint file or run folder (default: the best checkpoint under checkpoint/)."),
 ]
 PrecisionOption = Annotated[
     str,

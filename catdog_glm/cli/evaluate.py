@@ -1,4 +1,4 @@
-"""`catdog eval`: a checkpoint and a dataset split -> accuracy, per-class metrics, confusion matrix."""
+"""`catdog eval`: a checkpoint and the images to score -> accuracy, per-class metrics, confusion matrix."""
 
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from catdog_glm.cli._common import console, user_errors
+from catdog_glm.cli._common import CheckpointOption, console, user_errors
 
 
-def _tables(result, split: str, checkpoint: Path) -> list[Table]:
-    overview = Table(title=f"{checkpoint} on {split}", title_justify="left")
+def _header(evaluation, checkpoint: Path) -> str:
+    skipped = len(evaluation.skipped_files)
+    return f"{checkpoint} scored on {evaluation.result.n} images: {evaluation.description}" + (
+        f" ({skipped} unreadable file(s) skipped)" if skipped else ""
+    )
+
+
+def _tables(result) -> list[Table]:
+    overview = Table(title="Overall", title_justify="left")
     for col in ("images", "accuracy", "loss"):
         overview.add_column(col, justify="right")
     overview.add_row(str(result.n), f"{result.accuracy:.2%}", f"{result.loss:.4f}")
@@ -36,11 +43,21 @@ def _tables(result, split: str, checkpoint: Path) -> list[Table]:
 
 @user_errors
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file, or a folder holding best.pt.")] = Path(
-        "checkpoint"
-    ),
-    data: Annotated[str, typer.Option(help="Dataset root (same layouts as `catdog train`).")] = "data",
-    split: Annotated[str, typer.Option(help="Which split to evaluate: val, train or test.")] = "val",
+    checkpoint: CheckpointOption = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Images to score: the training run's dataset (default; its own val split is scored) or any "
+            "folder of class folders (every image scored), with or without train/ val/ test/ split folders."
+        ),
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="val, train, test or all (default: the run's val split on its own data; elsewhere test/, "
+            "then val/, then train/, or every image when there are no split folders)."
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write a confusion-matrix picture to this PNG file.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -48,27 +65,25 @@ def evaluate(
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision where the device supports it.")] = True,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     val_split: Annotated[
-        float, typer.Option(help="Validation fraction when the data has no val split (use the training run's value).")
-    ] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the train/val split (use the training run's value).")] = 42,
+        float | None,
+        typer.Option(help="Share held out for val where the data has no val split (default: the run's own, or 0.2)."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of that split (default: the run's own, or 42).")] = None,
     limit: Annotated[int, typer.Option(help="Evaluate a class-balanced subset of N images (0 = all).")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
     """Evaluate a checkpoint: accuracy, loss, per-class precision/recall/F1 and the confusion matrix.
 
-    Example: catdog eval --checkpoint checkpoint/best.pt --data ../shared/data/catdog --json
+    Example: catdog eval --checkpoint checkpoint/best.pt --data test_photos --json
     """
-    from catdog_glm.errors import ConfigError
-    from catdog_glm.vision.checkpoint import find_checkpoint
+    from catdog_glm.vision.checkpoint import resolve_checkpoint
     from catdog_glm.vision.evaluate import evaluate_checkpoint
     from catdog_glm.vision.plots import plot_confusion_matrix
 
-    if split not in ("val", "train", "test"):
-        raise ConfigError(f"--split must be val, train or test, got {split!r}")
-    path = find_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     with Progress(console=console, disable=json_output, transient=True) as progress:
         task = progress.add_task("evaluating", total=None)
-        result, ckpt, corrupt = evaluate_checkpoint(
+        evaluation = evaluate_checkpoint(
             path,
             data,
             split=split,
@@ -82,17 +97,23 @@ def evaluate(
             on_start=lambda n: progress.update(task, total=n),
             on_batch=lambda n: progress.advance(task, n),
         )
+    result, images = evaluation.result, evaluation.images
     if plot:
         plot_confusion_matrix(
-            result.confusion, result.classes, plot, title=f"{ckpt.arch} on {split} (acc {result.accuracy:.1%})"
+            result.confusion,
+            result.classes,
+            plot,
+            title=f"{evaluation.checkpoint.arch} on {images.split} (acc {result.accuracy:.1%})",
         )
     if json_output:
-        payload = result.to_dict() | {"checkpoint": str(path), "split": split, "skipped_files": corrupt}
+        scored = {"data": str(images.root), "split": images.split, "scored": images.description}
+        payload = result.to_dict() | scored | {"checkpoint": str(path), "skipped_files": evaluation.skipped_files}
         typer.echo(json.dumps(payload))
         return
-    for table in _tables(result, split, path):
+    console.print(_header(evaluation, path), highlight=False)
+    for table in _tables(result):
         console.print(table)
-    for line in corrupt:
+    for line in evaluation.skipped_files:
         console.print(f"[yellow]skipped:[/] {line}", highlight=False)
     if plot:
         console.print(f"confusion matrix picture: {plot}")

@@ -39,6 +39,7 @@ class ClassifierCheckpoint:
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     epoch: int = 0
+    dataset: dict = field(default_factory=dict)  # the training data: root (absolute), layout, held_out share
     source: str = "catdog"  # or "bare-state-dict"
     calibration: Any = None  # uint8 (N, 3, S, S) training images for int8 calibration, when recorded
     raw: dict = field(default_factory=dict, repr=False)
@@ -73,6 +74,7 @@ def save_checkpoint(
     config: dict | None = None,
     metrics: dict | None = None,
     epoch: int = 0,
+    dataset: dict | None = None,
     training_state: dict | None = None,
 ) -> None:
     payload = {
@@ -87,6 +89,7 @@ def save_checkpoint(
         "config": config or {},
         "metrics": metrics or {},
         "epoch": int(epoch),
+        "dataset": dataset or {},
         "versions": library_versions(),
         "model": clean_state_dict(model_state),
     }
@@ -151,6 +154,7 @@ def load_checkpoint(path: str | Path) -> ClassifierCheckpoint:
             config=obj.get("config", {}),
             metrics=obj.get("metrics", {}),
             epoch=int(obj.get("epoch", 0)),
+            dataset=obj.get("dataset", {}),
             calibration=obj.get("calibration"),
             source="catdog",
             raw=obj,

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from catdog_glm.device import Precision, autocast, inference_chunk_size
+from catdog_glm.device import Precision, autocast, inference_chunk_size, resolve_device, resolve_precision
+from catdog_glm.errors import DataError
+from catdog_glm.vision.checkpoint import ClassifierCheckpoint, build_model_from_checkpoint, load_checkpoint
+from catdog_glm.vision.data import EvalImages, Sample, select_eval_images, subsample
+from catdog_glm.vision.loader import ImageDataset, build_loader
 from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 
 if TYPE_CHECKING:
@@ -122,41 +126,57 @@ def evaluate(
     return (result, predictions) if keep_predictions else result
 
 
+@dataclass
+class CheckpointEvaluation:
+    """What `evaluate_checkpoint` scored and how the checkpoint did on it."""
+
+    result: EvalResult
+    checkpoint: ClassifierCheckpoint
+    images: EvalImages  # which images were scored (root, split, a sentence saying so)
+    skipped_files: list[str]
+
+    @property
+    def description(self) -> str:
+        return self.images.description
+
+
 def evaluate_checkpoint(
     checkpoint_path,
-    data,
+    data=None,
     *,
-    split: str = "val",
+    split: str | None = None,
     batch_size: int = 32,
     device: str = "auto",
     amp: bool = True,
     workers: int = 0,
-    val_split: float = 0.2,
-    seed: int = 42,
+    val_split: float | None = None,
+    seed: int | None = None,
     limit: int = 0,
     on_start=None,
     on_batch=None,
-):
-    """Evaluate a checkpoint on one split of a dataset; dataset classes are matched to the checkpoint by name."""
+) -> CheckpointEvaluation:
+    """Score a checkpoint on the images `select_eval_images` picks under `data` (default: the run's own dataset,
+    where its val split is scored); dataset classes are matched to the checkpoint's by name."""
     import torch
 
-    from catdog_glm.device import resolve_device, resolve_precision
-    from catdog_glm.errors import DataError
-    from catdog_glm.vision.checkpoint import build_model_from_checkpoint, load_checkpoint
-    from catdog_glm.vision.data import Sample, discover, subsample
-    from catdog_glm.vision.loader import ImageDataset, build_loader
-
     ckpt = load_checkpoint(checkpoint_path)
-    dataset = discover(data, val_split=val_split, seed=seed)
-    unknown = [c for c in dataset.classes if c not in ckpt.classes]
+    training = {**ckpt.config, "data_root": ckpt.dataset.get("root")}
+    if data is None:
+        data = ckpt.dataset.get("root") or ckpt.config.get("data")
+        if not data:
+            raise DataError(f"{checkpoint_path} does not record its training data; pass --data FOLDER")
+    images = select_eval_images(data, split=split, training=training, val_split=val_split, seed=seed)
+    unknown = sorted({c for _, c in images.samples} - set(ckpt.classes))
     if unknown:
         raise DataError(
             f"{data} has classes {unknown} that the checkpoint does not know (it was trained on {ckpt.classes})"
         )
-    to_ckpt = {i: ckpt.classes.index(c) for i, c in enumerate(dataset.classes)}
-    samples = [Sample(s.path, to_ckpt[s.label]) for s in subsample(dataset.split(split), limit, seed)]
+    samples = [Sample(path, ckpt.classes.index(c)) for path, c in images.samples]
+    samples = subsample(samples, limit, seed if seed is not None else int(ckpt.config.get("seed", 42)))
     if not samples:
-        raise DataError(f"the {split!r} split of {data} is empty")
+        raise DataError(f"{images.description} holds no images")
+    if limit and len(samples) < len(images.samples):
+        images.description += f", a class-balanced subset of {len(samples)}"
     dev = resolve_device(device)
     precision = resolve_precision(dev, amp)
     model = build_model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)
@@ -174,4 +194,4 @@ def evaluate_checkpoint(
         std=ckpt.std,
         on_batch=on_batch,
     )
-    return result, ckpt, ds.corrupt_files()
+    return CheckpointEvaluation(result=result, checkpoint=ckpt, images=images, skipped_files=ds.corrupt_files())

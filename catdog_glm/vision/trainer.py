@@ -359,6 +359,8 @@ class _Run:
             config=self.cfg.to_dict(),
             metrics=metrics,
             epoch=epoch,
+            # Where the data was, so `catdog eval` recognizes the run's own dataset from any working directory.
+            dataset={"root": str(self.dataset.root.resolve()), "layout": self.dataset.layout},
         )
 
     def save(self, epoch: int, row: dict, improved: bool) -> None:
