@@ -163,21 +163,72 @@ def weight_shards(path: Path) -> list[Path]:
     )
 
 
-def read_shard_tensors(shard: Path) -> Iterator[tuple[str, Any]]:
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+
+
+def release_pages(tensor) -> None:
+    """Drop the resident pages of a tensor that lives in a private file mapping (a memory-mapped shard), once it has
+    been copied out. Without this every page read stays resident until the whole shard is unmapped, so loading a 6B
+    model would hold a quantized model plus a 1.8 GB shard. The mapping stays valid: a later read re-reads the file."""
+    import ctypes
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    page = mmap.PAGESIZE
+    start, end = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+
+def _mapped_safetensors(shard: Path) -> Iterator[tuple[str, Any]]:
+    """Tensors of a safetensors file as views of one private memory map, so each can be released after use
+    (`safe_open` copies out of a mapping it keeps resident until closed). safe_open validates the file first."""
+    import struct
+
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(shard), framework="pt") as f:
+            names = list(f.keys())  # noqa: SIM118 - safe_open is not a dict
+    except SafetensorError as e:
+        raise ModelError(f"{shard} is not a readable safetensors file ({e})") from e
+    with open(shard, "rb") as f:
+        header_size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_size))
+    storage = torch.UntypedStorage.from_file(str(shard), shared=False, nbytes=shard.stat().st_size)
+    base = 8 + header_size
+    for name in names:
+        meta = header[name]
+        start, end = meta["data_offsets"]
+        dtype = getattr(torch, _SAFETENSORS_DTYPES[meta["dtype"]])
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, base + start, (end - start,))
+        if (base + start) % dtype.itemsize:  # unaligned (old writers): copy rather than view
+            raw = raw.clone()
+        yield name, raw.view(dtype).reshape(meta["shape"])
+
+
+def read_shard_tensors(shard: Path, release: bool = False) -> Iterator[tuple[str, Any]]:
     """(name, tensor) pairs of one weight file, read lazily (safetensors or memory-mapped .bin), never running
-    pickled code."""
+    pickled code. With `release`, each tensor's file pages are dropped once the caller asks for the next one, so the
+    caller must have copied what it keeps."""
     import torch
 
     if shard.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield name, f.get_tensor(name)
-        except SafetensorError as e:
-            raise ModelError(f"{shard} is not a readable safetensors file ({e})") from e
+        for name, tensor in _mapped_safetensors(shard):
+            yield name, tensor
+            if release:
+                release_pages(tensor)
         return
+    mapped = True
     try:
         try:
             state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
@@ -185,7 +236,7 @@ def read_shard_tensors(shard: Path) -> Iterator[tuple[str, Any]]:
             if "mmap" not in str(e):
                 raise
             # a legacy (pre-zip) torch.save file cannot be memory-mapped: read it whole, still weights only
-            state = torch.load(shard, map_location="cpu", weights_only=True)
+            state, mapped = torch.load(shard, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as e:
         raise ModelError(
             f"refused to load {shard}: it is not a plain weights file (it holds Python objects that could run code)"
@@ -196,7 +247,10 @@ def read_shard_tensors(shard: Path) -> Iterator[tuple[str, Any]]:
         raise ModelError(f"{shard} does not hold a dict of weights")
     while state:  # hand each tensor over and drop our reference, so a converted copy never doubles the shard
         name = next(iter(state))
-        yield name, state.pop(name)
+        tensor = state.pop(name)
+        yield name, tensor
+        if release and mapped and isinstance(tensor, torch.Tensor):
+            release_pages(tensor)
 
 
 def read_chatglm3_folder(path: Path):
@@ -213,33 +267,74 @@ def read_chatglm3_folder(path: Path):
     return config, tokenizer
 
 
-def load_chatglm3(path: str | Path, *, dtype=None, on_shard: Callable[[int, int], None] | None = None):
-    """(GlmForCausalLM, ChatGLM3Tokenizer) from a published ChatGLM3 folder, one shard in memory at a time."""
+def new_glm_model(config):
+    """A `GlmForCausalLM` with every weight on the meta device (no memory), to be filled tensor by tensor."""
     import torch
     from transformers import GlmForCausalLM
+
+    with torch.device("meta"):
+        return GlmForCausalLM(config)
+
+
+def finish_glm_model(model, tokenizer: ChatGLM3Tokenizer, source: Path):
+    """Check that every weight arrived, build the computed rotary buffer, set ChatGLM3's stop ids."""
+    import itertools
+
+    missing = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    missing = [n for n in missing if "rotary_emb" not in n]
+    if missing:
+        raise ModelError(f"{source}: the shards lack {len(missing)} weight(s), e.g. {missing[0]}")
+    # The rotary frequencies are a computed buffer, still on the meta device: build them for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    model.generation_config.eos_token_id = sorted(tokenizer.stop_ids)
+    return model.eval()
+
+
+def _place(model, name: str, value, dtype, quantize: int | None) -> None:
+    """Put one mapped weight into the meta model: copied to `dtype`, or quantized right away when `quantize` is set
+    and it is a Linear/Embedding weight, so the full-precision model never exists."""
+    from torch import nn
+
+    from catdog_glm.chat import quantize as q
+
+    module_name, leaf = name.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    if quantize and leaf == "weight" and isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, nn.Embedding):
+            replacement = q.Int8Embedding.quantize(value, dtype)
+        else:
+            bias = module.bias if module.bias is not None and not module.bias.is_meta else None
+            replacement = q.quantized_linear(value, bias, quantize, head=module_name == "lm_head", dtype=dtype)
+            if module.bias is not None and bias is None:
+                replacement.bias = module.bias  # still on meta: its value comes later in the shards
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        return
+    setattr(module, leaf, nn.Parameter(value.to(dtype, copy=True), requires_grad=False))
+
+
+def load_chatglm3(
+    path: str | Path,
+    *,
+    dtype=None,
+    quantize: int | None = None,
+    on_shard: Callable[[int, int], None] | None = None,
+):
+    """(GlmForCausalLM, ChatGLM3Tokenizer) from a published ChatGLM3 folder, streamed: each tensor is mapped,
+    converted to `dtype` (or quantized to `quantize` bits) and its file pages released before the next is read, so
+    peak memory is the loaded model plus one tensor."""
+    import torch
 
     path = Path(path)
     config, tokenizer = read_chatglm3_folder(path)
     dtype = dtype or torch.float32
-    with torch.device("meta"):
-        model = GlmForCausalLM(config)
-    expected = set(model.state_dict())
-    loaded: set[str] = set()
+    model = new_glm_model(config)
     shards = weight_shards(path)
-    for i, shard in enumerate(shards):
-        mapped = {}
-        for name, tensor in read_shard_tensors(shard):
-            for new_name, value in map_weights(name, tensor, config).items():
-                mapped[new_name] = value.to(dtype)
-        model.load_state_dict(mapped, strict=False, assign=True)
-        loaded |= set(mapped)
-        del mapped
-        if on_shard:
-            on_shard(i + 1, len(shards))
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ModelError(f"{path}: the shards lack {len(missing)} weight(s), e.g. {missing[0]}")
-    # The rotary frequencies are a computed buffer, still on the meta device: build them for real.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    model.generation_config.eos_token_id = sorted(tokenizer.stop_ids)
-    return model.eval(), tokenizer
+    with torch.no_grad():
+        for i, shard in enumerate(shards):
+            for name, tensor in read_shard_tensors(shard, release=True):
+                for new_name, value in map_weights(name, tensor, config).items():
+                    _place(model, new_name, value, dtype, quantize)
+            if on_shard:
+                on_shard(i + 1, len(shards))
+    return finish_glm_model(model, tokenizer, path), tokenizer

@@ -16,23 +16,85 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# Quantizing works on blocks of rows so that a 27392 x 4096 weight never needs more than a few MB of float
+# temporaries: at the size users run, loading holds one source tensor plus the quantized model, nothing more.
+ROW_BLOCK = 1024
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (int8 rows, fp32 scale per row)."""
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-    return (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8), scales
+    n = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(n, dtype=torch.float32)
+    for start in range(0, n, ROW_BLOCK):
+        w = weight[start : start + ROW_BLOCK].detach().to(torch.float32, copy=True)
+        s = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+        q[start : start + ROW_BLOCK] = w.div_(s[:, None]).round_().clamp_(-128, 127)
+        scales[start : start + ROW_BLOCK] = s
+    return q, scales
+
+
+# Groups of 32 weights per scale: on SmolLM2 greedy next-token agreement with bf16 was 96% at 32, 70-82% with
+# groups of 64/128 (measured with benchmarks/bench_chat.py's prompts), for 0.35x instead of 0.33x of bf16 memory.
+INT4_GROUP = 32
+INT4_TILES = 8  # inner k tiles of torch's CPU int4 packing: the CPU layout ignores it (same bytes for 2, 4, 8)
+
+
+def int4_fits(out_features: int, in_features: int) -> bool:
+    """Whether torch's CPU int4 kernel takes this shape (else the layer stays int8)."""
+    return in_features % INT4_GROUP == 0 and out_features % 16 == 0
+
+
+def quantize_int4_groups(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric int4 in torch's CPU packing: (uint8 [n, k/2], scales_and_zeros [k/group, n, 2] fp32).
+
+    Packed a block of rows at a time: the CPU packing of rows is independent in blocks of 16 rows."""
+    n, k = weight.shape
+    packed = torch.empty((n, k // 2), dtype=torch.uint8)
+    scales_and_zeros = torch.empty((k // group, n, 2), dtype=torch.float32)
+    for start in range(0, n, ROW_BLOCK):
+        rows = weight[start : start + ROW_BLOCK].detach().to(torch.float32, copy=True)
+        m = rows.shape[0]
+        chunks = rows.reshape(-1, group)
+        low, high = chunks.amin(dim=1, keepdim=True), chunks.amax(dim=1, keepdim=True)
+        scales = (high - low).clamp_(min=1e-6).div_(15)
+        zeros = low + scales * 8
+        q = chunks.sub_(low).div_(scales).round_().clamp_(0, 15).to(torch.int32).reshape(m, k)
+        packed[start : start + m] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_TILES)
+        scales_and_zeros[:, start : start + m, 0] = scales.reshape(m, -1).t()
+        scales_and_zeros[:, start : start + m, 1] = zeros.reshape(m, -1).t()
+    return packed, scales_and_zeros
+
+
+def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return None if tensor is None else nn.Parameter(tensor.detach(), requires_grad=False)
 
 
 class Int8Linear(nn.Module):
     """y = x @ (int8 W * per-row scale)^T + b, through torch's int8 weight-only kernel."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        weight_int8, scales = _int8_rows(linear.weight)
         self.register_buffer("weight_int8", weight_int8)
-        self.register_buffer("scales", scales.to(linear.weight.dtype))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("scales", scales)
+        self.bias = _frozen(bias)
+        self.out_features, self.in_features = weight_int8.shape
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype=None) -> Int8Linear:
+        weight_int8, scales = quantize_int8_rows(weight)
+        dtype = dtype or weight.dtype
+        return cls(weight_int8, scales.to(dtype), None if bias is None else bias.to(dtype))
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, bias: bool, dtype) -> Int8Linear:
+        """A shell on the meta device, filled later from a cached conversion."""
+        with torch.device("meta"):
+            return cls(
+                torch.empty(out_features, in_features, dtype=torch.int8),
+                torch.empty(out_features, dtype=dtype),
+                torch.empty(out_features, dtype=dtype) if bias else None,
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":  # the packed kernel is CPU-only; elsewhere dequantize on the fly
@@ -44,35 +106,34 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-# Groups of 32 weights per scale: on SmolLM2 greedy next-token agreement with bf16 was 96% at 32, 70-82% with
-# groups of 64/128 (measured with benchmarks/bench_chat.py's prompts), for 0.35x instead of 0.33x of bf16 memory.
-INT4_GROUP = 32
-
-
-def _int4_layout(k: int) -> tuple[int, int] | None:
-    group = INT4_GROUP if k % INT4_GROUP == 0 else None
-    tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
-    return (group, tiles) if group and tiles else None
-
-
 class Int4Linear(nn.Module):
     """Group-wise asymmetric int4 weights through torch's CPU int4 kernel."""
 
-    def __init__(self, linear: nn.Linear, group: int, tiles: int):
+    def __init__(
+        self, weight_int4: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, bias: torch.Tensor | None = None
+    ):
         super().__init__()
-        w = linear.weight.detach().float()
-        n, k = w.shape
-        chunks = w.reshape(-1, group)
-        low, high = chunks.amin(dim=1, keepdim=True), chunks.amax(dim=1, keepdim=True)
-        scales = (high - low).clamp(min=1e-6) / 15
-        zeros = low + scales * 8
-        q = chunks.sub(low).div(scales).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, tiles)
-        scales_and_zeros = torch.cat([scales.reshape(n, -1, 1), zeros.reshape(n, -1, 1)], 2).transpose(0, 1)
-        self.register_buffer("weight_int4", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous().to(linear.weight.dtype))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.group, self.in_features, self.out_features = group, k, n
+        self.register_buffer("weight_int4", weight_int4)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = _frozen(bias)
+        self.group = group
+        self.out_features, self.in_features = weight_int4.shape[0], weight_int4.shape[1] * 2
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype=None) -> Int4Linear:
+        packed, scales_and_zeros = quantize_int4_groups(weight, INT4_GROUP)
+        dtype = dtype or weight.dtype
+        return cls(packed, scales_and_zeros.to(dtype), INT4_GROUP, None if bias is None else bias.to(dtype))
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, bias: bool, dtype) -> Int4Linear:
+        with torch.device("meta"):
+            return cls(
+                torch.empty(out_features, in_features // 2, dtype=torch.uint8),
+                torch.empty(in_features // INT4_GROUP, out_features, 2, dtype=dtype),
+                INT4_GROUP,
+                torch.empty(out_features, dtype=dtype) if bias else None,
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -86,21 +147,43 @@ class Int4Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """An embedding table stored as int8 rows with a per-row scale, dequantized on lookup."""
 
-    def __init__(self, embedding: nn.Embedding):
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        weight_int8, scales = _int8_rows(embedding.weight)
         self.register_buffer("weight_int8", weight_int8)
-        self.register_buffer("scales", scales.to(embedding.weight.dtype))
+        self.register_buffer("scales", scales)
         self.num_embeddings, self.embedding_dim = weight_int8.shape
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, dtype=None) -> Int8Embedding:
+        weight_int8, scales = quantize_int8_rows(weight)
+        return cls(weight_int8, scales.to(dtype or weight.dtype))
+
+    @classmethod
+    def empty(cls, num_embeddings: int, embedding_dim: int, dtype) -> Int8Embedding:
+        with torch.device("meta"):
+            return cls(
+                torch.empty(num_embeddings, embedding_dim, dtype=torch.int8), torch.empty(num_embeddings, dtype=dtype)
+            )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight_int8[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
 
 
-def _quantized(linear: nn.Linear, bits: int) -> nn.Module:
-    if bits == 4 and linear.weight.device.type == "cpu" and (layout := _int4_layout(linear.in_features)):
-        return Int4Linear(linear, *layout)
-    return Int8Linear(linear)  # int8, or int4 where its kernel's layout or device does not fit
+def quantized_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, bits: int, *, head: bool = False, dtype=None
+) -> nn.Module:
+    """The quantized replacement of one Linear: int4 where `bits` is 4 and torch's CPU kernel takes the shape,
+    else int8; the output head always int8 (the most sensitive layer to rounding)."""
+    out_features, in_features = weight.shape
+    if bits == 4 and not head and weight.device.type == "cpu" and int4_fits(out_features, in_features):
+        return Int4Linear.quantize(weight, bias, dtype)
+    return Int8Linear.quantize(weight, bias, dtype)
+
+
+def quantized_shell(linear: nn.Linear, bits: int, *, head: bool = False, dtype=None) -> nn.Module:
+    """An empty quantized module of the kind `quantized_linear` makes for this Linear (for a cached conversion)."""
+    kind = Int4Linear if bits == 4 and not head and int4_fits(linear.out_features, linear.in_features) else Int8Linear
+    return kind.empty(linear.out_features, linear.in_features, linear.bias is not None, dtype or linear.weight.dtype)
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -123,12 +206,12 @@ def quantize_linear_layers(model: nn.Module, bits: int) -> int:
     tied = isinstance(head, nn.Linear) and isinstance(embeddings, nn.Embedding) and head.weight is embeddings.weight
     for name, child in list(model.named_modules()):
         if isinstance(child, nn.Linear) and child.weight.device.type != "meta":
-            _replace(model, name, Int8Linear(child) if child is head else _quantized(child, bits))
+            _replace(model, name, quantized_linear(child.weight, child.bias, bits, head=child is head))
             replaced += 1
     if isinstance(embeddings, nn.Embedding):
         for name, child in list(model.named_modules()):
             if child is embeddings:
-                table = Int8Embedding(child)
+                table = Int8Embedding.quantize(child.weight)
                 _replace(model, name, table)
                 replaced += 1
                 if tied:  # one int8 table serves both, as the bf16 weight did
@@ -136,6 +219,30 @@ def quantize_linear_layers(model: nn.Module, bits: int) -> int:
                 break
     log.info("quantized %d modules (blocks int%d, head and embeddings int8)", replaced, bits)
     return replaced
+
+
+def quantize_shell(model: nn.Module, bits: int) -> nn.Module:
+    """Replace the Linear and Embedding modules of a meta-device model by empty quantized modules of the kinds
+    `quantize_linear_layers` would make, ready to be filled from a cached conversion."""
+    head = getattr(model, "lm_head", None)
+    for name, child in list(model.named_modules()):
+        if isinstance(child, nn.Linear):
+            _replace(model, name, quantized_shell(child, bits, head=child is head))
+        elif isinstance(child, nn.Embedding):
+            _replace(model, name, Int8Embedding.empty(child.num_embeddings, child.embedding_dim, child.weight.dtype))
+    return model
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The model's parameter count as published (a quantized matrix counts as its full-precision shape)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            total += module.out_features * module.in_features
+        elif isinstance(module, Int8Embedding):
+            total += module.num_embeddings * module.embedding_dim
+        total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
 
 
 def weight_bytes(model: nn.Module) -> int:
