@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from catdog_glm.config import TrainConfig
 from catdog_glm.errors import ConfigError
+from catdog_glm.vision import trainer as trainer_module
 from catdog_glm.vision.checkpoint import load_checkpoint
-from catdog_glm.vision.trainer import TrainCallbacks, train
+from catdog_glm.vision.tracking import Tracker
+from catdog_glm.vision.trainer import RunComplete, TrainCallbacks, train
+from tests.conftest import catdog_env
 
 
 def _cfg(data, output, **overrides) -> TrainConfig:
@@ -66,17 +71,108 @@ def test_corrupt_files_are_skipped_and_listed(synthetic_data, tmp_path):
 
 
 class _InterruptAfterFirstEpoch(TrainCallbacks):
+    closed = False
+
     def on_epoch_end(self, row):
         raise KeyboardInterrupt  # Ctrl-C right after epoch 1 was saved
+
+    def on_close(self):
+        self.closed = True
+
+
+class _RecordingTracker(Tracker):
+    def __init__(self):
+        self.finished = []
+
+    def finish(self, state="success"):
+        self.finished.append(state)
+
+
+def _clean_run_folder(folder, epochs_saved: int):
+    assert not list(folder.glob(".*.tmp")), "temp files left behind"
+    assert load_checkpoint(folder / "last.pt").epoch == epochs_saved
+    assert len(_rows(folder / "results.csv")) == epochs_saved
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(synthetic_data, tmp_path):
     train(_cfg(synthetic_data, tmp_path / "whole", epochs=3, augment=True))
+    interrupt = _InterruptAfterFirstEpoch()
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(synthetic_data, tmp_path / "split", epochs=3, augment=True), _InterruptAfterFirstEpoch())
-    assert len(_rows(tmp_path / "split" / "results.csv")) == 1
+        train(_cfg(synthetic_data, tmp_path / "split", epochs=3, augment=True), interrupt)
+    assert interrupt.closed
+    _clean_run_folder(tmp_path / "split", 1)
     train(_cfg(synthetic_data, tmp_path / "split", epochs=3, augment=True, resume=True))
     assert _rows(tmp_path / "split" / "results.csv") == _rows(tmp_path / "whole" / "results.csv")
+
+
+def test_a_failure_mid_epoch_closes_everything_and_leaves_a_clean_run(synthetic_data, tmp_path, monkeypatch):
+    tracker = _RecordingTracker()
+    monkeypatch.setattr(trainer_module, "build_tracker", lambda *a, **k: tracker)
+
+    class FailInSecondEpoch(TrainCallbacks):
+        epoch, closed = 0, False
+
+        def on_epoch_start(self, epoch, epochs, steps):
+            self.epoch = epoch
+
+        def on_step(self, loss, images):
+            if self.epoch == 1:
+                raise RuntimeError("disk on fire")
+
+        def on_close(self):
+            self.closed = True
+
+    callbacks = FailInSecondEpoch()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(_cfg(synthetic_data, tmp_path / "run", epochs=3, tracker="swanlab"), callbacks)
+    assert tracker.finished == ["crashed"] and callbacks.closed
+    _clean_run_folder(tmp_path / "run", 1)
+
+
+def test_best_is_never_read_back_during_a_run(synthetic_data, tmp_path, monkeypatch):
+    """The saver keeps the best weights in memory: the final evaluation and int8 calibration load nothing."""
+    from catdog_glm.vision import checkpoint, saver, state_dict
+
+    def no_reads(path):
+        raise AssertionError(f"read {path} back")
+
+    for module in (checkpoint, saver, state_dict):
+        monkeypatch.setattr(module, "safe_load", no_reads)
+    written = []
+    real_save = saver.save_atomic
+    monkeypatch.setattr(saver, "save_atomic", lambda obj, path: (written.append(path.name), real_save(obj, path)))
+    result = train(_cfg(synthetic_data, tmp_path / "run", epochs=2))
+    best, improvements = -1.0, 0
+    for row in result.history:
+        if row["val_acc"] > best:
+            best, improvements = row["val_acc"], improvements + 1
+    assert written.count("last.pt") == 2
+    assert written.count("best.pt") == improvements + 1  # once per new best, once more with the int8 figures
+    monkeypatch.undo()
+    assert "val_acc_int8" in load_checkpoint(tmp_path / "run" / "best.pt").metrics
+
+
+def test_resume_of_a_finished_run_says_so_and_more_epochs_extend_it(synthetic_data, tmp_path):
+    done = train(_cfg(synthetic_data, tmp_path / "run", epochs=2, int8=False))
+    with pytest.raises(RunComplete, match="complete: it trained all 2 epochs"):
+        train(_cfg(synthetic_data, tmp_path / "run", epochs=2, int8=False, resume=True))
+    cli = [
+        sys.executable,
+        "-m",
+        "catdog_glm",
+        "train",
+        "--data",
+        str(synthetic_data),
+        "--output",
+        str(tmp_path / "run"),
+    ]
+    cli += ["--arch", "resnet18", "--pretrained", "none", "--image-size", "32", "--epochs", "2", "--tracker", "none"]
+    out = subprocess.run([*cli, "--resume", "--no-progress"], capture_output=True, text=True, env=catdog_env())
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "complete" in out.stdout and len(out.stdout.strip().splitlines()) == 1
+    longer = train(_cfg(synthetic_data, tmp_path / "run", epochs=3, int8=False, resume=True))
+    assert longer.epochs_run == 3 and longer.history[:2] == done.history[:2]
+    assert longer.history[2]["lr"] > 0  # the stretched schedule, not the old one's end (lr 0)
 
 
 def test_existing_run_is_not_overwritten_by_accident(synthetic_data, tmp_path):

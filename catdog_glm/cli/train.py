@@ -43,6 +43,7 @@ class RichTrainCallbacks:
         self.task = None
         self.images = 0
         self.loss_avg = math.nan
+        self.label = "final"  # until the first epoch starts (a resumed run may validate before any)
 
     def on_start(self, info: dict) -> None:
         resumed = f", resuming at epoch {info['start_epoch'] + 1}" if info["start_epoch"] else ""
@@ -97,7 +98,7 @@ class RichTrainCallbacks:
     def on_message(self, message: str) -> None:
         self.progress.console.print(f"[yellow]{message}[/]", highlight=False)
 
-    def stop(self) -> None:
+    def on_close(self) -> None:
         self.progress.stop()
 
 
@@ -151,7 +152,12 @@ def train(
     description: Annotated[str, typer.Option(help="SwanLab experiment description.")] = "",
     device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")] = D.device,
     seed: Annotated[int, typer.Option(help="Random seed (data split, order, init).")] = D.seed,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from last.pt.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue the run in --output from last.pt (with a larger --epochs: train it further)."
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over even if --output holds a run.")] = False,
     val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val split.")] = D.val_split,
     train_limit: Annotated[int, typer.Option(help="Use a class-balanced subset of N training images (0 = all).")] = 0,
@@ -182,6 +188,7 @@ def train(
 
     Example: catdog train --data ../shared/data/catdog --epochs 1 --arch resnet18 --image-size 128 --pretrained none
     """
+    from catdog_glm.vision.trainer import RunComplete
     from catdog_glm.vision.trainer import train as run_training
 
     cfg = TrainConfig(
@@ -214,11 +221,11 @@ def train(
         patience=patience,
         progress=progress,
     )
-    callbacks = RichTrainCallbacks(enabled=progress)
     try:
-        result = run_training(cfg, callbacks)
-    finally:
-        callbacks.stop()
+        result = run_training(cfg, RichTrainCallbacks(enabled=progress))  # the trainer closes the progress bars
+    except RunComplete as done:  # --resume on a finished run: nothing to do, and not an error
+        console.print(str(done), highlight=False, soft_wrap=True)
+        return
     if result is None:  # a non-zero torchrun rank
         return
     for line in result.corrupt_files:

@@ -62,8 +62,7 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def save_checkpoint(
-    path: str | Path,
+def checkpoint_payload(
     *,
     arch: str,
     classes: list[str],
@@ -76,7 +75,9 @@ def save_checkpoint(
     epoch: int = 0,
     dataset: dict | None = None,
     training_state: dict | None = None,
-) -> None:
+    calibration=None,
+) -> dict:
+    """The dict a checkpoint file holds (plain values and tensors only)."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -95,7 +96,14 @@ def save_checkpoint(
     }
     if training_state:
         payload["training_state"] = training_state
-    save_atomic(payload, path)
+    if calibration is not None:
+        payload["calibration"] = calibration
+    return payload
+
+
+def save_checkpoint(path: str | Path, **fields) -> None:
+    """Write a checkpoint atomically; `fields` as `checkpoint_payload` takes them."""
+    save_atomic(checkpoint_payload(**fields), path)
 
 
 def update_checkpoint(path: str | Path, *, metrics: dict | None = None, calibration=None) -> None:

@@ -22,7 +22,8 @@ class Tracker:
 
     def log_images(self, key: str, images: list, captions: list[str], step: int) -> None: ...
 
-    def finish(self) -> None: ...
+    def finish(self, state: str = "success") -> None:
+        """End the run as success, crashed or aborted (Ctrl-C); later calls do nothing."""
 
 
 def _swanlab_logged_in() -> bool:
@@ -91,8 +92,9 @@ class SwanLabTracker(Tracker):
 
         self._guard("image log", send)
 
-    def finish(self):
-        self._guard("finish", self._swanlab.finish)
+    def finish(self, state: str = "success"):
+        self._guard("finish", lambda: self._swanlab.finish(state=state))
+        self.run = None  # finished: later calls (the trainer's cleanup) do nothing
 
 
 def build_tracker(

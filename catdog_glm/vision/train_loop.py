@@ -1,0 +1,112 @@
+"""One training epoch and one validation pass, as functions (after timm's train.py): state in, numbers out.
+
+The trainer (`vision/trainer.py`) owns the run around them: data, model, optimizer, checkpoints, tracking.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from catdog_glm.device import Precision
+from catdog_glm.vision.evaluate import EvalResult, evaluate, run_model
+from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass
+class EpochStats:
+    loss: float  # mean training loss over the images seen
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    scaler,
+    *,
+    device,
+    precision: Precision,
+    channels_last: bool,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    on_step: Callable[[float, int], None] | None = None,
+) -> EpochStats:
+    """One pass over `loader`: forward, cross-entropy, backward, optimizer step. `on_step(loss, images)` after each
+    step; a batch whose every file was unreadable reports (nan, 0) and is skipped."""
+    import torch.nn.functional as F
+
+    model.train()
+    loss_sum, seen, started = 0.0, 0, time.perf_counter()
+    for batch in loader:
+        if batch is None:
+            if on_step:
+                on_step(float("nan"), 0)
+            continue
+        images, labels, _ = batch
+        labels = labels.to(device, non_blocking=True)
+        logits = run_model(model, images, device, precision, channels_last, mean, std)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        value = float(loss.detach())
+        loss_sum += value * len(labels)
+        seen += len(labels)
+        if on_step:
+            on_step(value, len(labels))
+    return EpochStats(loss=loss_sum / max(seen, 1), images=seen, seconds=time.perf_counter() - started)
+
+
+def validate(
+    model,
+    loader,
+    *,
+    classes: list[str],
+    device,
+    precision: Precision,
+    channels_last: bool,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    world_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+    keep_predictions: bool = False,
+) -> tuple[EvalResult, list]:
+    """Loss and confusion matrix over `loader` (and, if asked, each sample's (index, probabilities)).
+
+    Under torchrun every rank scores its own shard; the ranks' confusion matrices and loss sums are added up, so
+    every rank returns the metrics of the whole validation split.
+    """
+    import torch
+
+    out = evaluate(
+        model,
+        loader,
+        classes=classes,
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+        mean=mean,
+        std=std,
+        on_batch=on_batch,
+        keep_predictions=keep_predictions,
+    )
+    result, predictions = out if keep_predictions else (out, [])
+    if world_size > 1:
+        import torch.distributed as dist
+
+        packed = torch.cat([result.confusion.flatten().double(), torch.tensor([result.loss_sum])]).to(device)
+        dist.all_reduce(packed)
+        k = len(classes)
+        packed = packed.cpu()
+        result = EvalResult(
+            loss_sum=float(packed[-1]), confusion=packed[:-1].round().long().view(k, k), classes=classes
+        )
+    return result, predictions
