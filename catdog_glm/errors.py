@@ -27,3 +27,23 @@ class WeightsUnavailableError(CatdogError):
 
 class ModelError(CatdogError):
     """A chat model folder or file is missing, incomplete, unsafe or of an unknown kind."""
+
+
+class HubError(ModelError):
+    """A model id (Hugging Face Hub or ModelScope) could not be turned into a local folder."""
+
+
+class ModelNotFoundError(HubError):
+    """The hub has no such repository or revision (404)."""
+
+
+class ModelAccessError(HubError):
+    """The repository is private or gated and the token is missing or lacks access (401/403)."""
+
+
+class ModelOfflineError(HubError):
+    """The model is not in the local cache and the hub cannot be reached (offline, HF_HUB_OFFLINE=1)."""
+
+
+class DiskFullError(HubError):
+    """The model cache's disk has no room for the download."""

@@ -176,8 +176,11 @@ def load_chat_model(  # noqa: C901 - one branch per model source
     """Load `spec` (None = the embedded default, a .gguf file, a ChatGLM3 folder or an HF folder)."""
 
     from catdog_glm.chat.chatglm3 import is_chatglm3_folder, load_chatglm3
+    from catdog_glm.chat.hub import resolve_model
     from catdog_glm.device import resolve_device
 
+    # a hub id (owner/name[@rev], modelscope:owner/name) -> its cached or downloaded folder; before HF_HUB_OFFLINE
+    spec = resolve_model(spec, trust_remote_code=trust_remote_code)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: never reach for a hub
     started = time.perf_counter()
     dev = resolve_device(device)

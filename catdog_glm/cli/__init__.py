@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from catdog_glm import __version__
-from catdog_glm.cli import chat, data, evaluate, export, predict, serve, serve_chat, train
+from catdog_glm.cli import chat, data, evaluate, export, models, predict, serve, serve_chat, train
 
 app = typer.Typer(
     name="catdog",
@@ -21,6 +21,8 @@ app.command("predict")(predict.predict)
 app.command("serve-classifier")(serve.serve_classifier)
 app.command("chat")(chat.chat)
 app.command("serve-chat")(serve_chat.serve_chat)
+app.command("pull")(models.pull)
+app.command("models")(models.models)
 app.add_typer(data.app, name="data")
 app.add_typer(export.app, name="export")
 

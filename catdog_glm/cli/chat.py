@@ -15,7 +15,9 @@ HELP = "Commands: /clear (forget the conversation), /system TEXT (set the system
 ModelOption = Annotated[
     str | None,
     typer.Option(
-        help="ChatGLM3 folder, Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."
+        help="ChatGLM3 folder, Hugging Face model folder, .gguf file, or a model id: owner/name\\[@revision] "
+        "(Hugging Face Hub) or modelscope:owner/name\\[@revision], downloaded once and then loaded offline "
+        "(default: the embedded SmolLM2-135M-Instruct)."
     ),
 ]
 QuantizeOption = Annotated[int | None, typer.Option(help="Weight-only quantization of the transformer blocks: 4 or 8.")]

@@ -20,7 +20,11 @@ app = typer.Typer(
 @user_errors
 def export_chat(
     model: Annotated[
-        Path, typer.Option(help="A ChatGLM3 folder in the official layout (config.json, tokenizer.model).")
+        str,
+        typer.Option(
+            help="A ChatGLM3 folder in the official layout (config.json, tokenizer.model), or its id: "
+            "owner/name\\[@revision] or modelscope:owner/name\\[@revision] (downloaded once, then cached)."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Folder to write; it must not exist yet (or pass --overwrite).")],
     dtype: Annotated[str, typer.Option(help="Weight dtype of the export: bf16, fp16 or fp32.")] = "bf16",
@@ -33,11 +37,13 @@ def export_chat(
     Example: catdog export chat --model chatglm3-6b --out chatglm3-6b-hf
     """
     from catdog_glm.chat.export import export_chatglm3
+    from catdog_glm.chat.hub import resolve_model
 
+    folder = Path(resolve_model(model))  # a hub id -> its cached (or downloaded) folder
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("exporting shards", total=None)
         result = export_chatglm3(
-            model,
+            folder,
             out,
             dtype=dtype,
             max_shard_size=max_shard_size,
