@@ -335,6 +335,7 @@ def load_chatglm3(
             for name, tensor in read_shard_tensors(shard, release=True):
                 for new_name, value in map_weights(name, tensor, config).items():
                     _place(model, new_name, value, dtype, quantize)
+                tensor = value = None  # the last view of a shard would keep its whole mapping alive
             if on_shard:
                 on_shard(i + 1, len(shards))
     return finish_glm_model(model, tokenizer, path), tokenizer

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catdog_glm.chat.model_cache import cache_dir
 from catdog_glm.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -115,12 +116,6 @@ def _chatglm3_adapter(model, tokenizer, source: str) -> ChatModel:
     )
 
 
-def cache_dir() -> Path:
-    """Where converted models are kept: $CATDOG_CACHE_DIR, else $XDG_CACHE_HOME/catdog-glm (~/.cache/catdog-glm)."""
-    root = os.environ.get("CATDOG_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(root) / ("" if os.environ.get("CATDOG_CACHE_DIR") else "catdog-glm")
-
-
 def _load_gguf(path: Path, torch_dtype):
     """Tokenizer and model from a GGUF file. transformers dequantizes GGUF tensors in Python (about 14 s for the
     embedded model here), so the result is kept as a safetensors folder and later loads take about a second."""
@@ -164,6 +159,36 @@ def _load_gguf(path: Path, torch_dtype):
     return tokenizer, model
 
 
+def _load_chatglm3(path: Path, torch_dtype, quantize: int | None, use_cache: bool, on_progress):
+    """A ChatGLM3 folder: from the conversion cache when it holds this exact conversion, else streamed from the
+    shards (and then cached). Returns (model, tokenizer, the cache entry it came from or None)."""
+    from catdog_glm.chat import model_cache
+    from catdog_glm.chat.chatglm3 import (
+        finish_glm_model,
+        load_chatglm3,
+        new_glm_model,
+        read_chatglm3_folder,
+        weight_shards,
+    )
+    from catdog_glm.chat.quantize import quantize_shell
+
+    if not quantize:  # nothing worth caching: converting fp16 to bf16 costs no more than reading the shards
+        return (*load_chatglm3(path, dtype=torch_dtype, on_shard=on_progress), None)
+    key = model_cache.conversion_key([*weight_shards(path), path / "config.json"], quantize, torch_dtype)
+    entry = model_cache.entry_dir(path, quantize, key)
+    if use_cache and entry.is_dir():
+        config, tokenizer = read_chatglm3_folder(path)
+        model = quantize_shell(new_glm_model(config), quantize)
+        if model_cache.load_conversion(model, entry):
+            log.info("loaded the int%d conversion of %s from %s", quantize, path, entry)
+            return finish_glm_model(model, tokenizer, path), tokenizer, entry
+    model, tokenizer = load_chatglm3(path, dtype=torch_dtype, quantize=quantize, on_shard=on_progress)
+    if use_cache:
+        meta = {"name": path.name, "source": str(path), "bits": quantize, "dtype": str(torch_dtype)}
+        model_cache.save_conversion(model, entry, meta)
+    return model, tokenizer, None
+
+
 def load_chat_model(  # noqa: C901 - one branch per model source
     spec: str | None = None,
     *,
@@ -172,10 +197,14 @@ def load_chat_model(  # noqa: C901 - one branch per model source
     quantize: int | None = None,
     trust_remote_code: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    use_cache: bool = True,
 ) -> ChatModel:
-    """Load `spec` (None = the embedded default, a .gguf file, a ChatGLM3 folder or an HF folder)."""
+    """Load `spec` (None = the embedded default, a .gguf file, a ChatGLM3 folder or an HF folder).
 
-    from catdog_glm.chat.chatglm3 import is_chatglm3_folder, load_chatglm3
+    A ChatGLM3 folder is quantized while it streams in (never held in full precision) and, unless `use_cache` is
+    off, its quantized weights are kept in the conversion cache for the next load."""
+
+    from catdog_glm.chat.chatglm3 import is_chatglm3_folder
     from catdog_glm.chat.hub import resolve_model
     from catdog_glm.device import resolve_device
 
@@ -200,8 +229,12 @@ def load_chat_model(  # noqa: C901 - one branch per model source
         kind = "embedded" if spec is None else "gguf"
         chat = _hf_adapter(tokenizer, model, path.stem, str(path), kind)
     elif is_chatglm3_folder(path):
-        model, tokenizer = load_chatglm3(path, dtype=torch_dtype, on_shard=on_progress)
+        quantize_now = quantize if dev.type == "cpu" else None  # CUDA/MPS quantize after moving (see below)
+        model, tokenizer, cached = _load_chatglm3(path, torch_dtype, quantize_now, use_cache, on_progress)
         chat = _chatglm3_adapter(model, tokenizer, str(path))
+        chat.info["conversion_cache"] = str(cached) if cached else None
+        if quantize_now:
+            chat.quantization = f"int{quantize} weight-only"
     elif (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -221,14 +254,14 @@ def load_chat_model(  # noqa: C901 - one branch per model source
 
     chat.model = chat.model.to(dev).eval()
     chat.device, chat.dtype = dev, torch_dtype
-    chat.parameters = sum(p.numel() for p in chat.model.parameters())
-    if quantize:
+    from catdog_glm.chat.quantize import parameter_count, weight_bytes
+
+    chat.parameters = parameter_count(chat.model)
+    if quantize and chat.quantization == "none":
         from catdog_glm.chat.quantize import quantize_linear_layers
 
         quantize_linear_layers(chat.model, bits=quantize)
         chat.quantization = f"int{quantize} weight-only"
-    from catdog_glm.chat.quantize import weight_bytes
-
     chat.info["weight_bytes"] = weight_bytes(chat.model)
     chat.load_seconds = time.perf_counter() - started
     return chat
