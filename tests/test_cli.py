@@ -10,10 +10,11 @@ import time
 
 import pytest
 
+from catdog_glm.vision.checkpoint import load_checkpoint
 from tests.conftest import catdog_env, save_image
 
 CATDOG = [sys.executable, "-m", "catdog_glm"]
-SUBCOMMANDS = ["train", "eval", "predict", "serve-classifier", "serve-chat", "chat", "data", "export"]
+SUBCOMMANDS = ["train", "eval", "predict", "serve-classifier", "serve-chat", "chat", "data", "export", "pull", "models"]
 
 
 def run(*args, cwd=None, timeout=300):
@@ -69,6 +70,8 @@ def test_every_option_has_help_text(command):
     ("args", "message"),
     [
         (["train", "--data", "/no/such/folder"], "does not exist"),
+        (["train", "--data", ".", "--precision", "int8"], "--precision int8 does not apply to training"),
+        (["train", "--data", ".", "--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, int8"),
         (["train", "--data", ".", "--epochs", "0"], "--epochs must be at least 1"),
         (["eval", "--checkpoint", "/no/such.pt", "--data", "."], "does not exist"),
         (["train", "--data", ".", "--device", "tpu"], "unknown device"),
@@ -79,6 +82,22 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     assert out.returncode == 1
     assert message in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.strip().startswith("Error:") and len(out.stderr.strip().splitlines()) <= 3
+
+
+def test_old_option_spellings_still_work_with_a_one_line_warning(capsys):
+    from catdog_glm.cli._common import legacy_precision
+    from catdog_glm.errors import ConfigError
+
+    assert legacy_precision("auto") == "auto" and capsys.readouterr().err == ""
+    assert legacy_precision("auto", amp=False) == "fp32"
+    assert legacy_precision("auto", dtype="bf16") == "bf16"
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == [
+        "Warning: --no-amp is deprecated and will be removed in the next release; use --precision fp32.",
+        "Warning: --dtype bf16 is deprecated and will be removed in the next release; use --precision bf16.",
+    ]
+    with pytest.raises(ConfigError, match="--no-amp and --precision bf16 disagree"):
+        legacy_precision("bf16", amp=False)
 
 
 def test_single_class_dataset_is_refused_before_work(tmp_path):
@@ -139,6 +158,16 @@ def test_train_then_eval_json_and_plot(synthetic_data, tmp_path):
     assert (tmp_path / "cm.png").stat().st_size > 1000
     tables = run("eval", "--checkpoint", out_dir, "--data", synthetic_data, "--split", "train")
     assert tables.returncode == 0 and "Per class" in tables.stdout and "Confusion matrix" in tables.stdout
+    # int8 scores what training measured for the int8 model on the same val split
+    int8 = _eval_json("--checkpoint", out_dir, "--precision", "int8")
+    assert int8["accuracy"] == pytest.approx(load_checkpoint(out_dir / "best.pt").metrics["val_acc_int8"])
+    # the old spelling still works, with one line saying what replaces it
+    old = run("eval", "--checkpoint", out_dir, "--no-amp", "--json")
+    assert old.returncode == 0 and json.loads(old.stdout)["n"] == 8
+    assert (
+        old.stderr.strip()
+        == "Warning: --no-amp is deprecated and will be removed in the next release; use --precision fp32."
+    )
 
 
 def test_data_synth(tmp_path):
@@ -185,7 +214,6 @@ def test_eval_on_the_training_data_needs_no_split_flags(synthetic_data, tmp_path
     import shutil
 
     from catdog_glm.config import TrainConfig
-    from catdog_glm.vision.checkpoint import load_checkpoint
     from catdog_glm.vision.data import discover
     from catdog_glm.vision.trainer import train
 

@@ -74,6 +74,7 @@ def hub_env(tmp_path: Path, hub: StandinHub | None = None, **extra) -> dict:
         env.pop(name, None)
     env |= {
         "HF_HOME": str(tmp_path / "hf"),
+        "CATDOG_CACHE_DIR": str(tmp_path / "catdog-cache"),
         "MODELSCOPE_CACHE": str(tmp_path / "ms"),
         "MODELSCOPE_HOME": str(tmp_path / "ms-home"),
         "HF_HUB_DISABLE_TELEMETRY": "1",

@@ -16,8 +16,10 @@ from catdog_glm.chat.loading import load_chat_model
 from catdog_glm.chat.model_cache import list_conversions
 from catdog_glm.chat.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_linear_layers
 from tests.chatglm_tiny import make_tiny_chatglm3
+from tests.conftest import catdog_env
 
 PROMPT = [{"role": "user", "content": "What is the capital of France? 你好"}]
+CATDOG = [sys.executable, "-m", "catdog_glm"]
 
 
 @pytest.fixture(scope="module", params=["bin", "safetensors"])
@@ -60,9 +62,14 @@ def test_second_quantized_load_comes_from_the_cache_and_answers_the_same(tiny, t
     # --no-cache: converted again, nothing read from or added to the cache
     fresh = load_chat_model(str(tiny), dtype="fp32", quantize=4, use_cache=False)
     assert fresh.info["conversion_cache"] is None and len(list_conversions()) == 1
-    # another bit width is another entry
+    # another bit width is another entry; `catdog models` lists both
     load_chat_model(str(tiny), dtype="fp32", quantize=8)
     assert sorted(e["bits"] for e in list_conversions()) == [4, 8]
+    env = catdog_env() | {"CATDOG_CACHE_DIR": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([*CATDOG, "models", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    listed = {m["source"]: m for m in json.loads(out.stdout)}
+    assert set(listed) == {"catdog int4 conversion", "catdog int8 conversion"}
+    assert listed["catdog int4 conversion"]["id"] == tiny.name and listed["catdog int4 conversion"]["size"] > 0
 
 
 def test_a_changed_source_or_a_damaged_entry_is_never_served(tmp_path, monkeypatch, caplog):

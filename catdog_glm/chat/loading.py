@@ -159,7 +159,7 @@ def _load_gguf(path: Path, torch_dtype):
     return tokenizer, model
 
 
-def _load_chatglm3(path: Path, torch_dtype, quantize: int | None, use_cache: bool, on_progress):
+def _load_chatglm3(path: Path, torch_dtype, quantize: int | None, use_cache: bool, on_progress, name: str):
     """A ChatGLM3 folder: from the conversion cache when it holds this exact conversion, else streamed from the
     shards (and then cached). Returns (model, tokenizer, the cache entry it came from or None)."""
     from catdog_glm.chat import model_cache
@@ -175,7 +175,7 @@ def _load_chatglm3(path: Path, torch_dtype, quantize: int | None, use_cache: boo
     if not quantize:  # nothing worth caching: converting fp16 to bf16 costs no more than reading the shards
         return (*load_chatglm3(path, dtype=torch_dtype, on_shard=on_progress), None)
     key = model_cache.conversion_key([*weight_shards(path), path / "config.json"], quantize, torch_dtype)
-    entry = model_cache.entry_dir(path, quantize, key)
+    entry = model_cache.entry_dir(name, quantize, key)
     if use_cache and entry.is_dir():
         config, tokenizer = read_chatglm3_folder(path)
         model = quantize_shell(new_glm_model(config), quantize)
@@ -184,7 +184,7 @@ def _load_chatglm3(path: Path, torch_dtype, quantize: int | None, use_cache: boo
             return finish_glm_model(model, tokenizer, path), tokenizer, entry
     model, tokenizer = load_chatglm3(path, dtype=torch_dtype, quantize=quantize, on_shard=on_progress)
     if use_cache:
-        meta = {"name": path.name, "source": str(path), "bits": quantize, "dtype": str(torch_dtype)}
+        meta = {"name": name, "source": str(path), "bits": quantize, "dtype": str(torch_dtype)}
         model_cache.save_conversion(model, entry, meta)
     return model, tokenizer, None
 
@@ -209,7 +209,9 @@ def load_chat_model(  # noqa: C901 - one branch per model source
     from catdog_glm.device import resolve_device
 
     # a hub id (owner/name[@rev], modelscope:owner/name) -> its cached or downloaded folder; before HF_HUB_OFFLINE
+    requested = spec
     spec = resolve_model(spec, trust_remote_code=trust_remote_code)
+    display_name = requested if requested != spec else None  # an id names the model better than a snapshot hash
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: never reach for a hub
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -230,7 +232,9 @@ def load_chat_model(  # noqa: C901 - one branch per model source
         chat = _hf_adapter(tokenizer, model, path.stem, str(path), kind)
     elif is_chatglm3_folder(path):
         quantize_now = quantize if dev.type == "cpu" else None  # CUDA/MPS quantize after moving (see below)
-        model, tokenizer, cached = _load_chatglm3(path, torch_dtype, quantize_now, use_cache, on_progress)
+        model, tokenizer, cached = _load_chatglm3(
+            path, torch_dtype, quantize_now, use_cache, on_progress, display_name or path.name
+        )
         chat = _chatglm3_adapter(model, tokenizer, str(path))
         chat.info["conversion_cache"] = str(cached) if cached else None
         if quantize_now:
@@ -242,16 +246,18 @@ def load_chat_model(  # noqa: C901 - one branch per model source
         if config.get("auto_map") and not trust_remote_code:
             log.warning("%s ships custom code (auto_map); it is not run without --trust-remote-code", path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code
-            )
+            # local_files_only: HF_HUB_OFFLINE above is read when huggingface_hub is first imported, maybe too late
+            local = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+            tokenizer = AutoTokenizer.from_pretrained(str(path), **local)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **local)
         except (OSError, ValueError) as e:
             raise ModelError(f"{path} could not be loaded as a Hugging Face causal LM: {str(e).splitlines()[0]}") from e
         chat = _hf_adapter(tokenizer, model, path.name, str(path), "hf")
     else:
         raise ModelError(f"{path} is not a model folder: it has no config.json")
 
+    if display_name:
+        chat.name = display_name
     chat.model = chat.model.to(dev).eval()
     chat.device, chat.dtype = dev, torch_dtype
     from catdog_glm.chat.quantize import parameter_count, weight_bytes

@@ -47,8 +47,9 @@ def conversions_root() -> Path:
     return cache_dir() / "converted"
 
 
-def entry_dir(source: Path, bits: int, key: str) -> Path:
-    return conversions_root() / f"{source.name}-int{bits}-{key}"
+def entry_dir(name: str, bits: int, key: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)  # owner/name ids hold a slash
+    return conversions_root() / f"{safe}-int{bits}-{key}"
 
 
 def save_conversion(model, folder: Path, meta: dict) -> Path | None:

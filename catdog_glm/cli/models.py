@@ -54,17 +54,21 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
-    """List the chat models in the local caches: id, source, size and folder.
+    """List the chat models in the local caches (downloads and quantized conversions): id, source, size, folder.
 
     Example: catdog models --json
     """
     from rich.table import Table
 
     from catdog_glm.chat.hub import list_cached_models
+    from catdog_glm.chat.model_cache import list_conversions
 
-    cached = list_cached_models()
+    cached = [m.to_dict() for m in list_cached_models()]
+    for entry in list_conversions():  # quantized conversions that make the next --quantize load fast
+        source = f"catdog int{entry['bits']} conversion"
+        cached.append({"id": entry["id"], "source": source, "size": entry["bytes"], "path": entry["path"]})
     if as_json:
-        typer.echo(json.dumps([m.to_dict() for m in cached], indent=2))
+        typer.echo(json.dumps(cached, indent=2))
         return
     if not cached:
         console.print("No models cached yet. Download one with: catdog pull THUDM/chatglm3-6b", highlight=False)
@@ -73,5 +77,5 @@ def models(
     table.columns[0].no_wrap = True
     table.columns[3].overflow = "fold"  # a path is worth more whole than on one line
     for m in cached:
-        table.add_row(m.id, m.source, _size(m.size), m.path)
+        table.add_row(m["id"], m["source"], _size(m["size"]), m["path"])
     console.print(table)
