@@ -47,7 +47,8 @@ print(json.dumps({"read_gib_s": 2 / times[len(times) // 2]}))
 CATDOG_CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-model_dir, mode, use_cache, new_tokens, prefill = sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]), int(sys.argv[6])
+model_dir, mode, use_cache = sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+new_tokens, prefill = int(sys.argv[5]), int(sys.argv[6])
 import torch
 from catdog_glm.chat.loading import load_chat_model
 started = time.perf_counter()
@@ -96,7 +97,8 @@ for _ in range(new_tokens - 1):
 decode = (new_tokens - 1) / (time.perf_counter() - t)
 print(json.dumps({
     "load_s": load_s, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-    "weight_gib": __import__("os").path.getsize(path) / 2**30, "prefill_tok_s": prefill / prefill_s, "decode_tok_s": decode,
+    "weight_gib": __import__("os").path.getsize(path) / 2**30,
+    "prefill_tok_s": prefill / prefill_s, "decode_tok_s": decode,
 }))
 """
 
@@ -177,7 +179,8 @@ def main() -> None:
     if int4:
         print(
             f"\nint4 vs llama.cpp: decode {int4['decode_tok_s'] / reference['decode_tok_s']:.2f}x, prefill "
-            f"{int4['prefill_tok_s'] / reference['prefill_tok_s']:.2f}x; peak load memory {int4['peak_rss_gib']:.2f} GiB "
+            f"{int4['prefill_tok_s'] / reference['prefill_tok_s']:.2f}x; "
+            f"peak load memory {int4['peak_rss_gib']:.2f} GiB "
             f"(budget 6), cached load {int4.get('cached_load_s', float('nan')):.1f} s (budget 15)"
         )
 
