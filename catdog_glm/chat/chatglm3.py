@@ -285,32 +285,35 @@ def finish_glm_model(model, tokenizer: ChatGLM3Tokenizer, source: Path):
     if missing:
         raise ModelError(f"{source}: the shards lack {len(missing)} weight(s), e.g. {missing[0]}")
     # The rotary frequencies are a computed buffer, still on the meta device: build them for real.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    device = next(model.parameters()).device
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
     model.generation_config.eos_token_id = sorted(tokenizer.stop_ids)
     return model.eval()
 
 
-def _place(model, name: str, value, dtype, quantize: int | None) -> None:
-    """Put one mapped weight into the meta model: copied to `dtype`, or quantized right away when `quantize` is set
-    and it is a Linear/Embedding weight, so the full-precision model never exists."""
+def _place(model, name: str, value, dtype, quantize: int | None, device) -> None:
+    """Put one mapped weight into the meta model on `device`: copied to `dtype`, or quantized right away when
+    `quantize` is set and it is a Linear/Embedding weight, so the full-precision model never exists."""
     from torch import nn
 
     from catdog_glm.chat import quantize as q
 
     module_name, leaf = name.rsplit(".", 1)
     module = model.get_submodule(module_name)
-    if quantize and leaf == "weight" and isinstance(module, (nn.Linear, nn.Embedding)):
-        if isinstance(module, nn.Embedding):
+    embedding = isinstance(module, nn.Embedding) and device.type == "cpu"  # on CUDA, bitsandbytes keeps it dense
+    if quantize and leaf == "weight" and (isinstance(module, nn.Linear) or embedding):
+        if embedding:
             replacement = q.Int8Embedding.quantize(value, dtype)
         else:
             bias = module.bias if module.bias is not None and not module.bias.is_meta else None
-            replacement = q.quantized_linear(value, bias, quantize, head=module_name == "lm_head", dtype=dtype)
+            head = module_name == "lm_head"
+            replacement = q.quantized_linear(value, bias, quantize, head=head, dtype=dtype, device=device)
             if module.bias is not None and bias is None:
                 replacement.bias = module.bias  # still on meta: its value comes later in the shards
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
         return
-    setattr(module, leaf, nn.Parameter(value.to(dtype, copy=True), requires_grad=False))
+    setattr(module, leaf, nn.Parameter(value.to(device, dtype, copy=True), requires_grad=False))
 
 
 def load_chatglm3(
@@ -318,23 +321,25 @@ def load_chatglm3(
     *,
     dtype=None,
     quantize: int | None = None,
+    device=None,
     on_shard: Callable[[int, int], None] | None = None,
 ):
     """(GlmForCausalLM, ChatGLM3Tokenizer) from a published ChatGLM3 folder, streamed: each tensor is mapped,
-    converted to `dtype` (or quantized to `quantize` bits) and its file pages released before the next is read, so
-    peak memory is the loaded model plus one tensor."""
+    converted to `dtype` (or quantized to `quantize` bits), put on `device` and its file pages released before the
+    next is read, so peak memory is the loaded model plus one tensor."""
     import torch
 
     path = Path(path)
     config, tokenizer = read_chatglm3_folder(path)
     dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
     model = new_glm_model(config)
     shards = weight_shards(path)
     with torch.no_grad():
         for i, shard in enumerate(shards):
             for name, tensor in read_shard_tensors(shard, release=True):
                 for new_name, value in map_weights(name, tensor, config).items():
-                    _place(model, new_name, value, dtype, quantize)
+                    _place(model, new_name, value, dtype, quantize, device)
                 tensor = value = None  # the last view of a shard would keep its whole mapping alive
             if on_shard:
                 on_shard(i + 1, len(shards))

@@ -159,7 +159,7 @@ def _load_gguf(path: Path, torch_dtype):
     return tokenizer, model
 
 
-def _load_chatglm3(path: Path, torch_dtype, quantize: int | None, use_cache: bool, on_progress, name: str):
+def _load_chatglm3(path: Path, torch_dtype, quantize: int | None, use_cache: bool, on_progress, name: str, device):
     """A ChatGLM3 folder: from the conversion cache when it holds this exact conversion, else streamed from the
     shards (and then cached). Returns (model, tokenizer, the cache entry it came from or None)."""
     from catdog_glm.chat import model_cache
@@ -172,8 +172,10 @@ def _load_chatglm3(path: Path, torch_dtype, quantize: int | None, use_cache: boo
     )
     from catdog_glm.chat.quantize import quantize_shell
 
-    if not quantize:  # nothing worth caching: converting fp16 to bf16 costs no more than reading the shards
-        return (*load_chatglm3(path, dtype=torch_dtype, on_shard=on_progress), None)
+    if not quantize or device.type != "cpu":
+        # nothing worth caching: converting fp16 to bf16 costs no more than reading the shards, and bitsandbytes
+        # quantizes on the GPU as fast as it could read a cache
+        return (*load_chatglm3(path, dtype=torch_dtype, quantize=quantize, device=device, on_shard=on_progress), None)
     key = model_cache.conversion_key([*weight_shards(path), path / "config.json"], quantize, torch_dtype)
     entry = model_cache.entry_dir(name, quantize, key)
     if use_cache and entry.is_dir():
@@ -187,6 +189,32 @@ def _load_chatglm3(path: Path, torch_dtype, quantize: int | None, use_cache: boo
         meta = {"name": name, "source": str(path), "bits": quantize, "dtype": str(torch_dtype)}
         model_cache.save_conversion(model, entry, meta)
     return model, tokenizer, None
+
+
+def _bitsandbytes_options(bits: int, torch_dtype, device) -> dict:
+    """from_pretrained options that quantize a Hugging Face model on a CUDA GPU with transformers' own
+    BitsAndBytesConfig (NF4 for 4 bits); none elsewhere (the CPU path quantizes after loading)."""
+    if device.type != "cuda":
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401 - BitsAndBytesConfig needs it at load time
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ModelError("--quantize on a CUDA GPU uses bitsandbytes: pip install bitsandbytes") from e
+    if bits == 4:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
+
+
+def _quantization_label(device, bits: int) -> str:
+    from catdog_glm.chat.quantize import backend
+
+    kind = backend(device.type, bits)
+    return {"bitsandbytes-nf4": "nf4 (bitsandbytes)", "bitsandbytes-int8": "int8 (bitsandbytes)"}.get(
+        kind, f"int{bits} weight-only"
+    )
 
 
 def load_chat_model(  # noqa: C901 - one branch per model source
@@ -231,14 +259,15 @@ def load_chat_model(  # noqa: C901 - one branch per model source
         kind = "embedded" if spec is None else "gguf"
         chat = _hf_adapter(tokenizer, model, path.stem, str(path), kind)
     elif is_chatglm3_folder(path):
-        quantize_now = quantize if dev.type == "cpu" else None  # CUDA/MPS quantize after moving (see below)
+        # CPU: torch's packed int4/int8, CUDA: bitsandbytes, both while streaming; MPS quantizes after moving
+        quantize_now = quantize if dev.type in ("cpu", "cuda") else None
         model, tokenizer, cached = _load_chatglm3(
-            path, torch_dtype, quantize_now, use_cache, on_progress, display_name or path.name
+            path, torch_dtype, quantize_now, use_cache, on_progress, display_name or path.name, dev
         )
         chat = _chatglm3_adapter(model, tokenizer, str(path))
         chat.info["conversion_cache"] = str(cached) if cached else None
         if quantize_now:
-            chat.quantization = f"int{quantize} weight-only"
+            chat.quantization = _quantization_label(dev, quantize)
     elif (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -249,16 +278,21 @@ def load_chat_model(  # noqa: C901 - one branch per model source
             # local_files_only: HF_HUB_OFFLINE above is read when huggingface_hub is first imported, maybe too late
             local = {"trust_remote_code": trust_remote_code, "local_files_only": True}
             tokenizer = AutoTokenizer.from_pretrained(str(path), **local)
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **local)
+            gpu_quantized = _bitsandbytes_options(quantize, torch_dtype, dev) if quantize else {}
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **local, **gpu_quantized)
         except (OSError, ValueError) as e:
             raise ModelError(f"{path} could not be loaded as a Hugging Face causal LM: {str(e).splitlines()[0]}") from e
         chat = _hf_adapter(tokenizer, model, path.name, str(path), "hf")
+        if gpu_quantized:
+            chat.quantization = _quantization_label(dev, quantize)
     else:
         raise ModelError(f"{path} is not a model folder: it has no config.json")
 
     if display_name:
         chat.name = display_name
-    chat.model = chat.model.to(dev).eval()
+    if next(chat.model.parameters()).device != dev:  # quantized-on-GPU models are placed already (and refuse .to)
+        chat.model = chat.model.to(dev)
+    chat.model.eval()
     chat.device, chat.dtype = dev, torch_dtype
     from catdog_glm.chat.quantize import parameter_count, weight_bytes
 
@@ -267,7 +301,7 @@ def load_chat_model(  # noqa: C901 - one branch per model source
         from catdog_glm.chat.quantize import quantize_linear_layers
 
         quantize_linear_layers(chat.model, bits=quantize)
-        chat.quantization = f"int{quantize} weight-only"
+        chat.quantization = _quantization_label(dev, quantize)
     chat.info["weight_bytes"] = weight_bytes(chat.model)
     chat.load_seconds = time.perf_counter() - started
     return chat

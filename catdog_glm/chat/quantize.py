@@ -169,15 +169,67 @@ class Int8Embedding(nn.Module):
         return self.weight_int8[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
 
 
+def backend(device_type: str, bits: int) -> str:
+    """Which implementation `--quantize bits` gets on a device: torch's own packed CPU kernels on the CPU,
+    bitsandbytes (NF4 for 4 bits, LLM.int8 for 8, as transformers' BitsAndBytesConfig uses them) on CUDA, where
+    torch's CPU kernels do not run; elsewhere int8 weights dequantized in every forward."""
+    if device_type == "cpu":
+        return f"torch-int{bits}-cpu"
+    if device_type == "cuda":
+        return "bitsandbytes-nf4" if bits == 4 else "bitsandbytes-int8"
+    return "int8-dequantize"
+
+
+def bitsandbytes_linear(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, dtype, device) -> nn.Module:
+    """A bitsandbytes 4-bit NF4 (or 8-bit) Linear holding `weight`, quantized as it moves to `device`."""
+    from catdog_glm.errors import ModelError
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ModelError(
+            "--quantize on a CUDA GPU uses bitsandbytes: pip install bitsandbytes (or drop --quantize)"
+        ) from e
+    out_features, in_features = weight.shape
+    weight = weight.detach().to(dtype, copy=True)
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(
+            in_features, out_features, bias=bias is not None, compute_dtype=dtype, quant_type="nf4", device="meta"
+        )
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(dtype, copy=True), requires_grad=False)
+    return layer.to(device)
+
+
 def quantized_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, bits: int, *, head: bool = False, dtype=None
+    weight: torch.Tensor, bias: torch.Tensor | None, bits: int, *, head: bool = False, dtype=None, device=None
 ) -> nn.Module:
-    """The quantized replacement of one Linear: int4 where `bits` is 4 and torch's CPU kernel takes the shape,
-    else int8; the output head always int8 (the most sensitive layer to rounding)."""
+    """The quantized replacement of one Linear, on `device` (default: where the weight is). On the CPU: int4 where
+    `bits` is 4 and torch's kernel takes the shape, else int8; the output head always int8 (the layer most
+    sensitive to rounding). On CUDA: bitsandbytes, the head kept in `dtype` as transformers does."""
+    device = torch.device(device or weight.device)
+    dtype = dtype or weight.dtype
+    if device.type == "cuda":
+        if head:
+            return _dense(weight, bias, dtype, device)
+        return bitsandbytes_linear(weight, bias, bits, dtype, device)
     out_features, in_features = weight.shape
     if bits == 4 and not head and weight.device.type == "cpu" and int4_fits(out_features, in_features):
         return Int4Linear.quantize(weight, bias, dtype)
     return Int8Linear.quantize(weight, bias, dtype)
+
+
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None, dtype, device) -> nn.Linear:
+    with torch.device("meta"):
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = nn.Parameter(weight.detach().to(device, dtype, copy=True), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(device, dtype, copy=True), requires_grad=False)
+    return layer
 
 
 def quantized_shell(linear: nn.Linear, bits: int, *, head: bool = False, dtype=None) -> nn.Module:
@@ -237,9 +289,11 @@ def parameter_count(model: nn.Module) -> int:
     """The model's parameter count as published (a quantized matrix counts as its full-precision shape)."""
     total = 0
     for module in model.modules():
-        if isinstance(module, (Int8Linear, Int4Linear)):
+        if isinstance(module, (Int8Linear, Int4Linear)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
             total += module.out_features * module.in_features
-        elif isinstance(module, Int8Embedding):
+            total += 0 if getattr(module, "bias", None) is None else module.bias.numel()
+            continue
+        if isinstance(module, Int8Embedding):
             total += module.num_embeddings * module.embedding_dim
         total += sum(p.numel() for p in module.parameters(recurse=False))
     return total
