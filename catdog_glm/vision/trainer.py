@@ -36,7 +36,7 @@ from catdog_glm.vision.saver import CheckpointSaver
 from catdog_glm.vision.state_dict import remove_stale_temp_files, write_atomic
 from catdog_glm.vision.tracking import Tracker, build_tracker
 from catdog_glm.vision.train_loop import train_one_epoch, validate
-from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD, build_augment
+from catdog_glm.vision.transforms import build_augment, normalization_for
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def build_state(cfg: TrainConfig, num_classes: int, device, precision: Precision
     import torch
 
     model = build_model(cfg.arch, num_classes)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD  # recorded in checkpoints
+    mean, std = normalization_for(cfg.arch)  # what its weights expect; recorded in checkpoints
     note = "from checkpoint" if cfg.resume else load_pretrained(model, cfg.arch, cfg.pretrained)
     model = prepare_for_device(model, device, cfg.channels_last)
     ddp_model = model

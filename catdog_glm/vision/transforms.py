@@ -34,6 +34,15 @@ def load_resized(source, image_size: int, **open_kwargs) -> torch.Tensor:
     return resize_to_uint8(open_image(source, draft_size=image_size, **open_kwargs), image_size)
 
 
+def normalization_for(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) `arch`'s weights were trained with: ImageNet's for torchvision networks, the backbone's own
+    for timm ones (the embedded efficientnet_lite0: 0.5, 0.5). Training records it in every checkpoint, so
+    eval, predict, serve and export read it from there."""
+    from catdog_glm.vision.backbones import normalization
+
+    return normalization(arch) or (IMAGENET_MEAN, IMAGENET_STD)
+
+
 def normalize_batch(batch, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """uint8 (N, 3, H, W) -> float32 normalized, the same arithmetic as ToTensor + Normalize."""
     import torch
