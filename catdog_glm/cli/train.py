@@ -136,9 +136,19 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = D.batch_size,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = D.lr,
     image_size: Annotated[int, typer.Option(help="Images are resized to SIZE x SIZE.")] = D.image_size,
-    arch: Annotated[str, typer.Option(help="Any torchvision classifier: resnet50, resnet18, ...")] = D.arch,
+    arch: Annotated[
+        str,
+        typer.Option(
+            help="Any torchvision classifier (resnet50, resnet18, ...), efficientnet_lite0 (ImageNet weights "
+            "embedded: fine-tunes offline) or any timm model as timm:NAME."
+        ),
+    ] = D.arch,
     pretrained: Annotated[
-        str, typer.Option(help="Start weights: imagenet (torch hub cache), none, or a weights file PATH.")
+        str,
+        typer.Option(
+            help="Start weights: imagenet (torch hub cache; embedded for efficientnet_lite0), none, or a weights "
+            "file PATH."
+        ),
     ] = D.pretrained,
     output: Annotated[Path, typer.Option(help="Folder for best.pt, last.pt, results and the SwanLab log.")] = Path(
         D.output
