@@ -11,6 +11,20 @@ TRACKERS = ("swanlab", "none")
 SWANLAB_MODES = ("local", "offline", "online", "disabled")
 CACHE_MODES = ("auto", "ram", "none")
 SCHEDULES = ("cosine", "constant")
+# One --precision vocabulary for every command; each takes the values that make sense for it.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_precision(value: str, allowed: tuple[str, ...], command: str, hint: str = "") -> str:
+    """`value` if it is one of `allowed`, else a ConfigError naming the values `command` takes (and why)."""
+    if value not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    if value not in allowed:
+        raise ConfigError(
+            f"--precision {value} does not apply to {command}{f' ({hint})' if hint else ''}; use {', '.join(allowed)}"
+        )
+    return value
 
 
 @dataclass
@@ -32,7 +46,7 @@ class TrainConfig:
     augment: bool = False  # random resized crop + horizontal flip (the book trains without)
     # --- speed and quality beyond the book (each can be turned off) ---
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CPUs with native bf16, bf16/fp16 AMP on CUDA
+    precision: str = "auto"  # auto: bf16 on CPUs with native bf16, bf16/fp16 AMP on CUDA, else fp32
     channels_last: bool = True
     schedule: str = "cosine"  # cosine LR decay over the run, or constant as in the book
     patience: int = 5  # early stopping: epochs without a better val accuracy; 0 = off
@@ -66,6 +80,7 @@ class TrainConfig:
         need(self.tracker in TRACKERS, f"--tracker must be one of {', '.join(TRACKERS)}")
         need(self.swanlab_mode in SWANLAB_MODES, f"--swanlab-mode must be one of {', '.join(SWANLAB_MODES)}")
         need(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
+        check_precision(self.precision, TRAIN_PRECISIONS, "training", "int8 is for inference: eval, predict, serve")
         need(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other; pick one")
         return self
 
@@ -75,6 +90,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
+        values = dict(values)
+        if "amp" in values and "precision" not in values:  # configs saved before --precision replaced --amp
+            values["precision"] = "auto" if values["amp"] else "fp32"
         return cls(**{k: v for k, v in values.items() if k in known})
 
 

@@ -69,12 +69,25 @@ class Precision:
         return "fp32" if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", "")
 
 
-def resolve_precision(device: torch.device, amp: bool = True) -> Precision:
-    """Pick mixed precision for a device: bf16 on CPUs with native bf16, bf16/fp16 AMP on CUDA, else fp32."""
+def resolve_precision(device: torch.device, amp: bool | str = True) -> Precision:
+    """The autocast precision for a device. `amp` is a --precision name or, as before, True (auto) / False (fp32):
+    auto picks bf16 on CPUs with native bf16, bf16/fp16 AMP on CUDA, else fp32; fp32, bf16 and fp16 force one
+    (fp16 needs a GPU: on a CPU it would be emulated, slow and less accurate)."""
     import torch
 
-    if not amp:
+    name = ("auto" if amp else "fp32") if isinstance(amp, bool) else amp
+    if name == "fp32":
         return Precision(None, False)
+    if name == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--precision bf16: this GPU has no bf16; use --precision fp16 or fp32")
+        return Precision(torch.bfloat16, False)
+    if name == "fp16":
+        if device.type not in ("cuda", "mps"):
+            raise ConfigError(f"--precision fp16 needs a GPU (cuda or mps), not {device.type}; use bf16 or fp32")
+        return Precision(torch.float16, device.type == "cuda")
+    if name != "auto":
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16 here, got {name!r}")
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return Precision(torch.bfloat16, False)

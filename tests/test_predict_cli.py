@@ -73,3 +73,10 @@ def test_default_checkpoint_is_the_best_under_checkpoint(synthetic_data, tiny_ch
     assert "checkpoint/run/best.pt" in out.stdout.replace("\n", "")
     nothing = run("predict", synthetic_data / "val", cwd=tmp_path / "checkpoint" / "run")
     assert nothing.returncode == 1 and "no checkpoint found" in nothing.stderr
+
+
+def test_precision_values_that_do_not_fit_are_one_line_errors(synthetic_data, tiny_checkpoint):
+    image = synthetic_data / "val" / "cat" / "cat_0000.jpg"
+    for precision, message in (("fp16", "needs a GPU"), ("int8", "calibration images"), ("fp8", "must be one of")):
+        out = run("predict", image, "--checkpoint", tiny_checkpoint, "--precision", precision, "--device", "cpu")
+        assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from catdog_glm.errors import CatdogError
+from catdog_glm.errors import CatdogError, ConfigError
 
 console = Console()
 # Options shared by the classifier commands; every --checkpoint goes through vision.checkpoint.resolve_checkpoint.
@@ -27,10 +27,15 @@ CheckpointOption = Annotated[
     Path | None,
     typer.Option(help="Checkpoint file or run folder (default: the best checkpoint under checkpoint/)."),
 ]
+# One --precision vocabulary (config.PRECISIONS: auto, fp32, bf16, fp16, int8); each command takes what makes sense.
 PrecisionOption = Annotated[
     str,
-    typer.Option(help="auto (the fastest of int8/bf16/fp32 validated for this checkpoint), fp32, bf16 or int8."),
+    typer.Option(
+        help="auto (the fastest of int8/bf16/fp32 validated for this checkpoint), fp32, bf16, fp16 (GPU) or int8."
+    ),
 ]
+# Replaced by --precision; accepted with a deprecation warning for one release, hidden from --help.
+AmpOption = Annotated[bool | None, typer.Option("--amp/--no-amp", hidden=True, help="Deprecated: --precision.")]
 err_console = Console(stderr=True)
 
 
@@ -43,6 +48,29 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("swanlab", "PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def deprecated(old: str, new: str) -> None:
+    """One line on stderr: `old` still works in this release, `new` is the spelling to use."""
+    err_console.print(
+        f"Warning: {old} is deprecated and will be removed in the next release; use {new}.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def legacy_precision(precision: str, *, amp: bool | None = None, dtype: str | None = None) -> str:
+    """--precision, or what an old spelling (--amp/--no-amp, --dtype X) asked for, with a deprecation line."""
+    if amp is not None:
+        old, value = ("--amp" if amp else "--no-amp"), ("auto" if amp else "fp32")
+    elif dtype is not None:
+        old, value = f"--dtype {dtype}", dtype
+    else:
+        return precision
+    deprecated(old, f"--precision {value}")
+    if precision not in ("auto", value):
+        raise ConfigError(f"{old} and --precision {precision} disagree; pass only --precision")
+    return value
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

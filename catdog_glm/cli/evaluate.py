@@ -10,7 +10,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from catdog_glm.cli._common import CheckpointOption, console, user_errors
+from catdog_glm.cli._common import AmpOption, CheckpointOption, console, legacy_precision, user_errors
 
 
 def _header(evaluation, checkpoint: Path) -> str:
@@ -62,7 +62,14 @@ def evaluate(
     plot: Annotated[Path | None, typer.Option(help="Write a confusion-matrix picture to this PNG file.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision where the device supports it.")] = True,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (as training validates: bf16 where the hardware has it, else fp32), fp32, bf16, fp16 (GPU) "
+            "or int8 (CPU; checkpoints with calibration images)."
+        ),
+    ] = "auto",
+    amp: AmpOption = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     val_split: Annotated[
         float | None,
@@ -89,7 +96,7 @@ def evaluate(
             split=split,
             batch_size=batch_size,
             device=device,
-            amp=amp,
+            precision=legacy_precision(precision, amp=amp),
             workers=workers,
             val_split=val_split,
             seed=seed,

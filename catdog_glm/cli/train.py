@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from catdog_glm.cli._common import console, user_errors
+from catdog_glm.cli._common import AmpOption, console, legacy_precision, user_errors
 from catdog_glm.config import TrainConfig
 
 D = TrainConfig()  # the defaults, shown in --help
@@ -180,9 +180,13 @@ def train(
     ] = D.cache,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (-1 = auto).")] = D.workers,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop and flip.")] = D.augment,
-    amp: Annotated[
-        bool, typer.Option("--amp/--no-amp", help="Mixed precision: bf16 on CPUs that support it, AMP on CUDA.")
-    ] = D.amp,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (bf16 on CPUs with native bf16, bf16/fp16 AMP on CUDA, else fp32), fp32, bf16 or fp16 (GPU)."
+        ),
+    ] = D.precision,
+    amp: AmpOption = None,
     channels_last: Annotated[
         bool,
         typer.Option("--channels-last/--no-channels-last", help="channels_last memory format (faster convolutions)."),
@@ -225,7 +229,7 @@ def train(
         cache=cache,
         workers=workers,
         augment=augment,
-        amp=amp,
+        precision=legacy_precision(precision, amp=amp),
         channels_last=channels_last,
         schedule=schedule,
         patience=patience,

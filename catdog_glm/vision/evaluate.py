@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from catdog_glm.config import PRECISIONS, check_precision
 from catdog_glm.device import Precision, autocast, inference_chunk_size, resolve_device, resolve_precision
 from catdog_glm.errors import DataError
 from catdog_glm.vision.checkpoint import ClassifierCheckpoint, build_model_from_checkpoint, load_checkpoint
 from catdog_glm.vision.data import EvalImages, Sample, select_eval_images, subsample
 from catdog_glm.vision.loader import ImageDataset, build_loader
+from catdog_glm.vision.quantize import quantize_int8, require_int8
 from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 
 if TYPE_CHECKING:
@@ -147,7 +149,7 @@ def evaluate_checkpoint(
     split: str | None = None,
     batch_size: int = 32,
     device: str = "auto",
-    amp: bool = True,
+    precision: str = "auto",
     workers: int = 0,
     val_split: float | None = None,
     seed: int | None = None,
@@ -156,9 +158,14 @@ def evaluate_checkpoint(
     on_batch=None,
 ) -> CheckpointEvaluation:
     """Score a checkpoint on the images `select_eval_images` picks under `data` (default: the run's own dataset,
-    where its val split is scored); dataset classes are matched to the checkpoint's by name."""
+    where its val split is scored); dataset classes are matched to the checkpoint's by name.
+
+    `precision`: auto (as training validated: bf16 where the hardware has it, else fp32), fp32, bf16, fp16 (GPU)
+    or int8 (the calibrated int8 model predictors run, on a CPU).
+    """
     import torch
 
+    check_precision(precision, PRECISIONS, "eval")
     ckpt = load_checkpoint(checkpoint_path)
     training = {**ckpt.config, "data_root": ckpt.dataset.get("root")}
     if data is None:
@@ -178,8 +185,16 @@ def evaluate_checkpoint(
     if limit and len(samples) < len(images.samples):
         images.description += f", a class-balanced subset of {len(samples)}"
     dev = resolve_device(device)
-    precision = resolve_precision(dev, amp)
-    model = build_model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)
+    if precision == "int8":
+        require_int8(dev, ckpt.calibration)
+        model, channels_last = (
+            quantize_int8(build_model_from_checkpoint(ckpt), ckpt.calibration, ckpt.mean, ckpt.std),
+            False,
+        )
+        autocast_precision = Precision(None, False)
+    else:
+        autocast_precision, channels_last = resolve_precision(dev, precision), True
+        model = build_model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)
     ds = ImageDataset(samples, ckpt.image_size)
     loader = build_loader(ds, batch_size=batch_size, shuffle=False, workers=workers)
     if on_start:
@@ -189,7 +204,8 @@ def evaluate_checkpoint(
         loader,
         classes=ckpt.classes,
         device=dev,
-        precision=precision,
+        precision=autocast_precision,
+        channels_last=channels_last,
         mean=ckpt.mean,
         std=ckpt.std,
         on_batch=on_batch,

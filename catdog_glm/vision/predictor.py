@@ -22,20 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from catdog_glm.device import Precision, cpu_supports_bf16, resolve_device, resolve_onnx_providers
+from catdog_glm.config import PRECISIONS, check_precision
+from catdog_glm.device import Precision, cpu_supports_bf16, resolve_device, resolve_onnx_providers, resolve_precision
 from catdog_glm.errors import CheckpointError, ConfigError, ImageError
 from catdog_glm.vision.checkpoint import ClassifierCheckpoint, build_model_from_checkpoint, load_checkpoint
 from catdog_glm.vision.evaluate import infer_logits
 from catdog_glm.vision.images import DEFAULT_MAX_PIXELS, is_image_file
-from catdog_glm.vision.quantize import fold_batchnorm, int8_supported, quantize_int8, within_tolerance
+from catdog_glm.vision.quantize import fold_batchnorm, int8_supported, quantize_int8, require_int8, within_tolerance
 from catdog_glm.vision.transforms import load_resized, normalize_batch
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 @dataclass
@@ -151,8 +150,7 @@ class Predictor(BasePredictor):
     ):
         import torch
 
-        if precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision, PRECISIONS, "prediction")
         self.checkpoint = checkpoint
         self.source = source
         self.classes = list(checkpoint.classes)
@@ -166,12 +164,12 @@ class Predictor(BasePredictor):
             self.precision, self.channels_last = Precision(None, False), False
         else:
             self.model = fold_batchnorm(model).to(self.device).to(memory_format=torch.channels_last)
-            self.precision = Precision(torch.bfloat16 if self.mode == "bf16" else None, False)
+            self.precision = resolve_precision(self.device, self.mode)
             self.channels_last = True
         self._lock = threading.Lock()  # one forward at a time: threads would only fight over the cores
 
     def _choose_mode(self, requested: str) -> str:
-        """int8 / bf16 / fp32. `auto` takes the fastest one that this checkpoint's own validation run showed to
+        """int8 / bf16 / fp16 / fp32. `auto` takes the fastest one that this checkpoint's own validation run showed to
         stay within half a point of fp32 accuracy (bf16 also where that was not recorded, e.g. the book's files)."""
         import torch
 
@@ -179,13 +177,10 @@ class Predictor(BasePredictor):
         on_cpu = self.device.type == "cpu"
         has_int8 = on_cpu and self.checkpoint.calibration is not None and int8_supported()
         if requested == "int8":
-            if not has_int8:
-                raise ConfigError(
-                    "--precision int8 needs a CPU with torch's x86 int8 kernels and a checkpoint with calibration "
-                    "images (trained by this version of `catdog train`); use --precision bf16 or fp32"
-                )
+            require_int8(self.device, self.checkpoint.calibration)
             return "int8"
-        if requested in ("fp32", "bf16"):
+        if requested in ("fp32", "bf16", "fp16"):
+            resolve_precision(self.device, requested)  # refuses fp16 on a CPU, bf16 on a GPU without it
             return requested
         if has_int8 and within_tolerance(metrics, "val_acc_int8"):
             return "int8"

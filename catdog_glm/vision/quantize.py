@@ -43,6 +43,18 @@ def int8_supported() -> bool:
     return "x86" in torch.backends.quantized.supported_engines
 
 
+def require_int8(device: torch.device, calibration) -> None:
+    """Raise ConfigError unless int8 can run here: on a CPU with torch's x86 int8 kernels, for a checkpoint that
+    carries calibration images."""
+    from catdog_glm.errors import ConfigError
+
+    if device.type != "cpu" or calibration is None or not int8_supported():
+        raise ConfigError(
+            "--precision int8 needs a CPU with torch's x86 int8 kernels and a checkpoint with calibration "
+            "images (trained by this version of `catdog train`); use --precision bf16 or fp32"
+        )
+
+
 def quantize_int8(model, calibration_uint8: torch.Tensor, mean, std):
     """Static int8 quantization (per-channel weights, calibrated activations) for torch's x86 CPU kernels."""
     import torch

@@ -561,7 +561,7 @@ def train(cfg: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainRes
     tracker, outcome = Tracker(), "crashed"
     try:
         device = _train_device(cfg, d)
-        precision = resolve_precision(device, cfg.amp)
+        precision = resolve_precision(device, cfg.precision)
         output = Path(cfg.output)
         saved = _open_run(cfg, output)
         _seed_everything(cfg.seed)
