@@ -1,61 +1,43 @@
-"""One chat engine for every front end: `chat()` for a whole reply, `stream()` for text pieces.
+"""One chat engine for every front end: `chat()` for a whole reply, `stream()` for text pieces, `cancel()`.
 
-The decoding loop is written here rather than delegated to `generate()` because every front end needs the same
-things generate() does not give together: ChatGLM3's stop ids and multi-token stop strings never emitted in part,
-a cancel handle checked between tokens, truncation of over-long conversations that is reported, and exact token
-counts for the OpenAI API. The model forward, KV cache and chat templates are transformers' own.
+Every request goes through one scheduler (chat/scheduler.py) that owns the model and batches all active requests
+in each forward step; this module turns messages into prompt ids (reporting conversations cut to fit the context
+window), hands them to the scheduler and gives the caller a `Generation` to read: iterate it in a thread, or
+`async for` it when it was created inside an event loop (pieces then arrive through `call_soon_threadsafe`).
 """
 
 from __future__ import annotations
 
-import inspect
+import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from catdog_glm.chat.loading import ChatModel
+from catdog_glm.chat.sampling import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    Sampling,
+)
+from catdog_glm.chat.scheduler import EngineClosedError, Reply, Request, Scheduler, default_limits
+from catdog_glm.chat.streaming import END, LoopInbox, ThreadInbox
 from catdog_glm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# ChatGLM3's demos sample with top_p 0.8, temperature 0.8.
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.8
-DEFAULT_MAX_NEW_TOKENS = 512
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    max_length: int | None = None  # ChatGLM style: prompt + new tokens
-    temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
-    top_p: float = DEFAULT_TOP_P
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-    def validate(self) -> Sampling:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ConfigError("top_k must be >= 0 and repetition_penalty > 0")
-        return self
-
-
-@dataclass
-class Reply:
-    text: str
-    finish_reason: str  # stop | length | cancelled
-    prompt_tokens: int
-    completion_tokens: int
-    truncated_messages: int = 0  # oldest turns dropped to fit the context window
-    token_ids: list[int] = field(default_factory=list)  # the completion's ids, stop token excluded
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_TOP_P",
+    "ChatEngine",
+    "EngineClosedError",
+    "Generation",
+    "Reply",
+    "Sampling",
+    "load_engine",
+    "normalize_messages",
+]
 
 
 def normalize_messages(history) -> list[dict]:
@@ -75,35 +57,101 @@ def normalize_messages(history) -> list[dict]:
 
 
 class Generation:
-    """An in-progress reply: iterate it for text pieces; `cancel()` stops it within a token; then read `reply`."""
+    """A reply being generated: iterate it (or `async for` it, when created inside an event loop) for text pieces;
+    `cancel()` frees its place in the batch within one step; when the pieces end, `reply` is set (or `error`)."""
 
-    def __init__(self, engine: ChatEngine, messages: list[dict], sampling: Sampling):
-        self._engine, self._messages, self._sampling = engine, messages, sampling
-        self._cancel = threading.Event()
-        self.reply: Reply | None = None
+    def __init__(self, scheduler: Scheduler, request: Request):
+        self._scheduler, self._request = scheduler, request
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self._scheduler.cancel(self._request)
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        return self._request.cancelled
+
+    @property
+    def reply(self) -> Reply | None:
+        return self._request.reply
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._request.error
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far (live)."""
+        return len(self._request.generated)
 
     def __iter__(self) -> Iterator[str]:
-        return self._engine._run(self)
+        inbox = self._request.inbox
+        if not isinstance(inbox, ThreadInbox):
+            raise TypeError("this generation was started inside an event loop: read it with `async for`")
+        try:
+            while (item := inbox.get()) is not END:
+                yield item
+            if self._request.error is not None:
+                raise self._request.error
+        finally:
+            if not self._request.finished:
+                self.cancel()  # the reader stopped early (break, Ctrl-C, closed page)
+
+    async def pieces(self) -> AsyncIterator[str]:
+        inbox = self._request.inbox
+        if not isinstance(inbox, LoopInbox):
+            raise TypeError("this generation was started outside an event loop: iterate it with `for`")
+        try:
+            while (item := await inbox.get()) is not END:
+                yield item
+            if self._request.error is not None:
+                raise self._request.error
+        finally:
+            if not self._request.finished:
+                self.cancel()  # a disconnect or timeout lands here: stop generating for nobody
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.pieces()
 
     def text(self) -> str:
         return "".join(self)
 
 
 class ChatEngine:
-    def __init__(self, chat_model: ChatModel):
+    """The one engine over a loaded model. `max_batch_size` / `max_batch_tokens` (KV cache tokens reserved by all
+    running requests together) default to what `scheduler.default_limits` measures for the model's device."""
+
+    def __init__(
+        self, chat_model: ChatModel, *, max_batch_size: int | None = None, max_batch_tokens: int | None = None
+    ):
         self.model = chat_model
-        self._lock = threading.Lock()  # one generation at a time; concurrent callers queue here
+        size, tokens = default_limits(chat_model) if not (max_batch_size and max_batch_tokens) else (0, 0)
+        self._scheduler = Scheduler(
+            chat_model, max_batch_size=max_batch_size or size, max_batch_tokens=max_batch_tokens or tokens
+        )
+        # fast tokenizers are not safe to use from two threads at once: prompts are encoded in the callers'
+        # threads and replies decoded in the scheduler's
+        self._tokenizer_lock = threading.Lock()
 
     # ---- public API ---------------------------------------------------------------------------------------------
     def stream(self, messages, **sampling) -> Generation:
-        return Generation(self, normalize_messages(messages), Sampling(**sampling).validate())
+        """Queue a reply to `messages` and return at once; the scheduler starts it when the batch has room."""
+        s = Sampling(**sampling).validate()
+        m = self.model
+        budget = m.context_window - min(s.max_new_tokens, m.context_window // 2)
+        prompt, dropped = self.fit(normalize_messages(messages), budget)
+        limit = s.max_new_tokens
+        if s.max_length:
+            limit = min(limit, s.max_length - len(prompt))
+        limit = max(0, min(limit, m.context_window - len(prompt)))
+        try:
+            inbox = LoopInbox(asyncio.get_running_loop())
+        except RuntimeError:
+            inbox = ThreadInbox()
+        request = Request(
+            prompt, limit, s, stop_ids=m.stop_ids, decode=self._decode, inbox=inbox, truncated_messages=dropped
+        )
+        self._scheduler.submit(request)
+        return Generation(self._scheduler, request)
 
     def chat(self, messages, **sampling) -> Reply:
         generation = self.stream(messages, **sampling)
@@ -122,14 +170,33 @@ class ChatEngine:
             "quantization": m.quantization,
             "context_window": m.context_window,
             "weight_mib": round(m.info.get("weight_bytes", 0) / 2**20, 1),
+            "max_batch_size": self._scheduler.max_batch_size,
+            "max_batch_tokens": self._scheduler.max_batch_tokens,
         }
 
+    def load(self) -> dict:
+        """Requests running in the batch and waiting for a place."""
+        return self._scheduler.counts()
+
+    def close(self, *, wait: bool = True) -> None:
+        """End every queued and running request (their readers get EngineClosedError) and stop the scheduler;
+        `wait=False` returns at once (safe in a signal handler), the requests end within one step."""
+        self._scheduler.close(timeout=30.0 if wait else 0.0)
+
     # ---- internals ------------------------------------------------------------------------------------------------
+    def _decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.model.decode(ids)
+
+    def _encode(self, messages: list[dict]) -> list[int]:
+        with self._tokenizer_lock:
+            return self.model.encode_chat(messages)
+
     def fit(self, messages: list[dict], budget: int) -> tuple[list[int], int]:
         """Prompt ids within `budget` tokens: drop the oldest turns (never the system message). Returns ids, drops."""
         messages = list(messages)
         dropped = 0
-        ids = self.model.encode_chat(messages)
+        ids = self._encode(messages)
         while len(ids) > budget:
             removable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
             if not removable:
@@ -139,7 +206,7 @@ class ChatEngine:
                 )
             del messages[removable[0]]
             dropped += 1
-            ids = self.model.encode_chat(messages)
+            ids = self._encode(messages)
         if dropped:
             log.warning(
                 "conversation too long for the %d-token context: dropped the %d oldest message(s)",
@@ -147,84 +214,6 @@ class ChatEngine:
                 dropped,
             )
         return ids, dropped
-
-    def _sample(self, logits, history_ids, s: Sampling, generator):
-        import torch
-
-        logits = logits.float()
-        if s.repetition_penalty != 1.0 and history_ids:
-            seen = torch.tensor(sorted(set(history_ids)), dtype=torch.long)
-            values = logits[seen]
-            logits[seen] = torch.where(values > 0, values / s.repetition_penalty, values * s.repetition_penalty)
-        if s.temperature == 0:
-            return int(logits.argmax())
-        logits = logits / s.temperature
-        if s.top_k:
-            kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
-            logits[logits < kth] = float("-inf")
-        probs = logits.softmax(-1)
-        if s.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(0) - sorted_probs < s.top_p  # always keeps the most likely token
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=generator))
-
-    def _run(self, generation: Generation) -> Iterator[str]:
-        import torch
-
-        s, m = generation._sampling, self.model
-        with self._lock:
-            budget = m.context_window - min(s.max_new_tokens, m.context_window // 2)
-            prompt, dropped = self.fit(generation._messages, budget)
-            limit = s.max_new_tokens
-            if s.max_length:
-                limit = min(limit, s.max_length - len(prompt))
-            limit = max(0, min(limit, m.context_window - len(prompt)))
-            generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
-            generated: list[int] = []
-            emitted = ""
-            finish = "length"
-            with torch.inference_mode():
-                from transformers import DynamicCache
-
-                cache = DynamicCache()
-                # transformers 5.x renamed forward's `past_key_values` to `cache`; accept either.
-                cache_arg = "cache" if "cache" in inspect.signature(m.model.forward).parameters else "past_key_values"
-                step_input = torch.tensor([prompt], device=m.device)
-                for _ in range(limit):
-                    if generation.cancelled:
-                        finish = "cancelled"
-                        break
-                    out = m.model(input_ids=step_input, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-                    token = self._sample(out.logits[0, -1], prompt + generated, s, generator)
-                    if token in m.stop_ids:
-                        finish = "stop"
-                        break
-                    generated.append(token)
-                    step_input = torch.tensor([[token]], device=m.device)
-                    text = m.decode(generated)
-                    hit = min((i for i in (text.find(x) for x in s.stop) if i >= 0), default=-1)
-                    if hit >= 0:
-                        text, finish = text[:hit], "stop"
-                    safe = len(text) if finish == "stop" else _safe_length(text, s.stop)
-                    if safe > len(emitted):
-                        piece, emitted = text[len(emitted) : safe], text[:safe]
-                        yield piece
-                    if finish == "stop":
-                        break
-            if finish == "length":  # flush what a stop-string prefix held back
-                text = m.decode(generated)
-                if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                    yield text[len(emitted) :]
-                    emitted = text
-        generation.reply = Reply(
-            text=emitted,
-            finish_reason=finish,
-            prompt_tokens=len(prompt),
-            completion_tokens=len(generated),
-            truncated_messages=dropped,
-            token_ids=generated,
-        )
 
 
 def load_engine(
@@ -235,6 +224,8 @@ def load_engine(
     device: str = "auto",
     trust_remote_code: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    max_batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
 ) -> ChatEngine:
     """The engine factory every front end uses: load `spec` (None = the embedded default) and wrap it.
     `on_progress(done, total)` is called per weight shard, so a caller can draw its own progress."""
@@ -248,18 +239,4 @@ def load_engine(
         trust_remote_code=trust_remote_code,
         on_progress=on_progress,
     )
-    return ChatEngine(chat_model)
-
-
-def _safe_length(text: str, stops: list[str]) -> int:
-    """How much of `text` can be shown: hold back a partial UTF-8 character and any tail that could start a stop
-    string, so a stop string is never emitted in part."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    for stop in stops:
-        for n in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:n]):
-                end = min(end, len(text[:end]) - n)
-                break
-    return end
+    return ChatEngine(chat_model, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)

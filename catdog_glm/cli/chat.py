@@ -31,7 +31,7 @@ TrustRemoteCodeOption = Annotated[
 ]
 
 
-def load_engine(model, quantize, dtype, device, trust_remote_code):
+def load_engine(model, quantize, dtype, device, trust_remote_code, **limits):
     """The library's engine factory with a progress line and a one-line summary on stderr (CLI rendering only)."""
     from rich.progress import Progress
     from transformers.utils import logging as hf_logging
@@ -55,6 +55,7 @@ def load_engine(model, quantize, dtype, device, trust_remote_code):
             device=device,
             trust_remote_code=trust_remote_code,
             on_progress=on_shard,
+            **limits,
         )
     i = engine.info()
     err_console.print(

@@ -35,7 +35,18 @@ def serve_chat(
     max_messages: Annotated[int, typer.Option(help="The most messages (history included) in one request.")] = 64,
     max_body: Annotated[int, typer.Option(help="The largest request body in bytes.")] = 1 << 20,
     timeout: Annotated[float, typer.Option(help="Seconds a request may generate before it is stopped.")] = 300.0,
-    queue_size: Annotated[int, typer.Option(help="Requests generating or waiting; beyond it: 503 + Retry-After.")] = 16,
+    queue_size: Annotated[int, typer.Option(help="Requests generating or waiting; beyond it: 503 + Retry-After.")] = 32,
+    max_batch_size: Annotated[
+        int | None,
+        typer.Option(help="Requests generated together in one batch (default: measured per device, 16 on a CPU)."),
+    ] = None,
+    max_batch_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="KV-cache tokens (prompt + max new tokens) all batched requests may reserve together "
+            "(default: from the memory free after loading)."
+        ),
+    ] = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     ui: Annotated[
         str, typer.Option(help="Web page: gradio (page + API on one port) or streamlit (the book's web_demo2 page).")
@@ -58,8 +69,12 @@ def serve_chat(
     from catdog_glm.serve.chat_api import ApiLimits
     from catdog_glm.serve.chat_server import serve_chat as run_server
 
-    if min(max_tokens, max_messages, max_body, queue_size) < 1 or timeout <= 0:
-        raise ConfigError("--max-tokens, --max-messages, --max-body, --queue-size and --timeout must be positive")
+    batch_limits = [v for v in (max_batch_size, max_batch_tokens) if v is not None]
+    if min(max_tokens, max_messages, max_body, queue_size, *batch_limits) < 1 or timeout <= 0:
+        raise ConfigError(
+            "--max-tokens, --max-messages, --max-body, --queue-size, --max-batch-size, --max-batch-tokens and "
+            "--timeout must be positive"
+        )
     if ui not in ("gradio", "streamlit"):
         raise ConfigError(f"--ui must be gradio or streamlit, got {ui!r}")
     if api_url and ui != "streamlit":
@@ -78,10 +93,20 @@ def serve_chat(
                 api_url=api_url,
                 api_key=api_key,
                 trust_remote_code=trust_remote_code,
+                max_batch_size=max_batch_size,
+                max_batch_tokens=max_batch_tokens,
                 on_ready=console.print,
             )
         )
-    engine = load_engine(model, quantize, dtype, device, trust_remote_code)
+    engine = load_engine(
+        model,
+        quantize,
+        dtype,
+        device,
+        trust_remote_code,
+        max_batch_size=max_batch_size,
+        max_batch_tokens=max_batch_tokens,
+    )
     limits = ApiLimits(
         max_body_bytes=max_body,
         max_messages=max_messages,

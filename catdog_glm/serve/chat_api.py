@@ -2,7 +2,8 @@
 
 Thin routes over one ChatEngine kept in `app.state`; bodies are parsed here (the book's client posts JSON with no
 Content-Type), validated, and every error has OpenAI's shape `{"error": {"message", "type", "param", "code"}}`
-with the real HTTP status. Generation runs on worker threads, never on the event loop.
+with the real HTTP status. Generation runs on the engine's scheduler thread, never on the event loop; its pieces
+arrive here through one `call_soon_threadsafe` each.
 Only imported by the serve commands, so it may import FastAPI at module level.
 """
 
@@ -18,8 +19,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from catdog_glm.chat.engine import ChatEngine, normalize_messages
-from catdog_glm.chat.streaming import BackgroundGeneration
+from catdog_glm.chat.engine import ChatEngine, EngineClosedError, Generation, normalize_messages
 from catdog_glm.errors import CatdogError
 
 log = logging.getLogger(__name__)
@@ -139,13 +139,15 @@ class ChatService:
             )
         self.active += 1
 
-    def start(self, messages, sampling) -> BackgroundGeneration:
+    def start(self, messages, sampling) -> Generation:
         try:
-            return BackgroundGeneration(self.engine, messages, **sampling)
+            return self.engine.stream(messages, **sampling)
         except CatdogError as e:
             raise ApiError(400, str(e)) from None
+        except EngineClosedError:
+            raise _shutting_down() from None
 
-    async def complete(self, messages, sampling) -> BackgroundGeneration:
+    async def complete(self, messages, sampling) -> Generation:
         """Run a whole generation, bounded by the request timeout."""
         self.admit()
         try:
@@ -160,14 +162,23 @@ class ChatService:
                     kind="server_error",
                     code="timeout",
                 ) from None
-            if gen.error:
-                raise ApiError(400, str(gen.error)) from None
+            except EngineClosedError:
+                raise _shutting_down() from None
+            except Exception as e:
+                log.exception("generation failed")
+                raise ApiError(500, f"generation failed: {e}", kind="server_error") from None
             return gen
         finally:
             self.active -= 1
 
 
-async def _drain(gen: BackgroundGeneration) -> None:
+def _shutting_down() -> ApiError:
+    return ApiError(
+        503, "the server is shutting down", kind="server_error", code="shutting_down", headers={"Retry-After": "5"}
+    )
+
+
+async def _drain(gen: Generation) -> None:
     async for _ in gen.pieces():
         pass
 
@@ -208,7 +219,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "active_requests": service.active}
+        return {"status": "ok", "model": model_id, "active_requests": service.active, **engine.load()}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -326,17 +337,22 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 deadline = time.monotonic() + limits.request_timeout_s
-                async for piece in gen.pieces():
-                    yield chunk({"content": piece})
-                    if time.monotonic() > deadline:
-                        gen.cancel()
+                error: BaseException | None = None
+                try:
+                    async for piece in gen.pieces():
+                        yield chunk({"content": piece})
+                        if time.monotonic() > deadline:
+                            gen.cancel()
+                except Exception as e:  # ends the stream with an error event instead of a cut connection
+                    error = e
                 reply = gen.reply
-                if gen.error or reply is None:
+                if error is not None or reply is None:
+                    closing = isinstance(error, EngineClosedError)
                     err = {
-                        "message": str(gen.error or "generation failed"),
+                        "message": str(error or "generation failed"),
                         "type": "server_error",
                         "param": None,
-                        "code": None,
+                        "code": "shutting_down" if closing else None,
                     }
                     yield f"data: {json.dumps({'error': err})}\n\n"
                 else:

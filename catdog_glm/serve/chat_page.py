@@ -1,12 +1,12 @@
 """The Gradio chat page: streamed replies, Stop, Retry, Clear History, system prompt and ChatGLM3's sliders.
 
-Front end only: it calls the same ChatEngine as the API (through BackgroundGeneration), loaded once per process.
+Front end only: it submits to the same ChatEngine (and so the same batching scheduler) as the API, loaded once per
+process; Gradio runs `respond` in a worker thread, which reads the generation's pieces as they come.
 """
 
 # No `from __future__ import annotations` here: Gradio finds `request: gr.Request` by its real annotation.
 
-from catdog_glm.chat.engine import ChatEngine
-from catdog_glm.chat.streaming import BackgroundGeneration
+from catdog_glm.chat.engine import ChatEngine, Generation
 
 # ChatGLM3's Gradio demo: Maximum length 8192, Top P 0.8, Temperature 0.6.
 DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, DEFAULT_TEMPERATURE = 8192, 0.8, 0.6
@@ -17,7 +17,7 @@ def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = 512):
     import gradio as gr
 
     info = engine.info()
-    running: dict[str, BackgroundGeneration] = {}  # session -> its generation, so Stop can cancel it for real
+    running: dict[str, Generation] = {}  # session -> its generation, so Stop can cancel it for real
 
     def respond(
         message: str,
@@ -37,8 +37,7 @@ def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = 512):
         messages = ([{"role": "system", "content": system.strip()}] if system and system.strip() else []) + [
             {"role": m["role"], "content": _text(m["content"])} for m in history[:-1]
         ]
-        gen = BackgroundGeneration(
-            engine,
+        gen = engine.stream(
             messages,
             max_new_tokens=max_new_tokens,
             max_length=int(max_length),

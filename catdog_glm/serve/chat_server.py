@@ -9,6 +9,7 @@ from catdog_glm.serve.chat_page import build_chat_page
 from catdog_glm.serve.net import port_is_free
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+GRACE_S = 5
 
 
 def create_chat_app(engine: ChatEngine, limits: ApiLimits, *, page_password: str | None = None):
@@ -30,6 +31,8 @@ def serve_chat(
     page_password: str | None = None,
     on_ready=None,
 ) -> None:
+    """Serve until SIGTERM/SIGINT. On either signal every queued and running request ends at once (503, or an
+    error event closing its stream), so the server exits and frees the port without waiting for long replies."""
     import os
 
     import uvicorn
@@ -38,6 +41,17 @@ def serve_chat(
     if not port_is_free(host, port):
         raise ConfigError(f"port {port} on {host} is already in use; pass another --port")
     app = create_chat_app(engine, limits, page_password=page_password)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine.close(wait=False)
+            super().handle_exit(sig, frame)
+
+    # connections still open GRACE_S after the signal (a browser's event stream) are closed
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S)
     if on_ready:
         on_ready(f"http://{host}:{port}/")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        Server(config).run()
+    finally:
+        engine.close()

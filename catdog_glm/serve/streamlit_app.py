@@ -20,13 +20,18 @@ API_KEY = os.environ.get("CATDOG_ST_API_KEY") or None
 def get_engine():
     from catdog_glm.chat.engine import load_engine
 
-    quantize = os.environ.get("CATDOG_ST_QUANTIZE")
+    def number(name: str) -> int | None:
+        value = os.environ.get(name)
+        return int(value) if value else None
+
     return load_engine(
         os.environ.get("CATDOG_ST_MODEL") or None,
-        quantize=int(quantize) if quantize else None,
+        quantize=number("CATDOG_ST_QUANTIZE"),
         dtype=os.environ.get("CATDOG_ST_DTYPE", "auto"),
         device=os.environ.get("CATDOG_ST_DEVICE", "auto"),
         trust_remote_code=os.environ.get("CATDOG_ST_TRUST_REMOTE_CODE") == "1",
+        max_batch_size=number("CATDOG_ST_MAX_BATCH_SIZE"),
+        max_batch_tokens=number("CATDOG_ST_MAX_BATCH_TOKENS"),
     )
 
 
@@ -58,9 +63,7 @@ def stream_from_api(messages: list[dict], sampling: dict):
 
 
 def stream_from_engine(messages: list[dict], sampling: dict):
-    from catdog_glm.chat.streaming import BackgroundGeneration
-
-    yield from BackgroundGeneration(get_engine(), messages, **sampling)
+    yield from get_engine().stream(messages, **sampling)
 
 
 st.set_page_config(page_title="catdog chat", page_icon="💬")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from catdog_glm.errors import ConfigError
 from catdog_glm.serve.net import port_is_free
 
 APP_FILE = Path(__file__).with_name("streamlit_app.py")
+STOP_GRACE_S = 10  # seconds Streamlit gets to exit after SIGTERM before it is killed
 
 
 def streamlit_command(host: str, port: int) -> list[str]:
@@ -40,7 +42,16 @@ def streamlit_command(host: str, port: int) -> list[str]:
 
 
 def streamlit_env(
-    *, model=None, quantize=None, dtype="auto", device="auto", api_url=None, api_key=None, trust_remote_code=False
+    *,
+    model=None,
+    quantize=None,
+    dtype="auto",
+    device="auto",
+    api_url=None,
+    api_key=None,
+    trust_remote_code=False,
+    max_batch_size=None,
+    max_batch_tokens=None,
 ) -> dict:
     env = dict(os.environ)
     for key, value in {
@@ -51,6 +62,8 @@ def streamlit_env(
         "CATDOG_ST_API_URL": api_url,
         "CATDOG_ST_API_KEY": api_key,
         "CATDOG_ST_TRUST_REMOTE_CODE": "1" if trust_remote_code else None,
+        "CATDOG_ST_MAX_BATCH_SIZE": max_batch_size,
+        "CATDOG_ST_MAX_BATCH_TOKENS": max_batch_tokens,
     }.items():
         if value is None:
             env.pop(key, None)
@@ -67,10 +80,40 @@ def run_streamlit(*, host: str, port: int, on_ready=None, **settings) -> int:
         raise ConfigError(f"port {port} on {host} is already in use; pass another --port")
     if on_ready:
         on_ready(f"Streamlit chat page: http://{host}:{port}/  (Ctrl+C to stop)")
-    process = subprocess.Popen(streamlit_command(host, port), env=streamlit_env(**settings))
+    # its own process group, so that stopping it reaches everything Streamlit itself starts
+    process = subprocess.Popen(
+        streamlit_command(host, port), env=streamlit_env(**settings), start_new_session=hasattr(os, "killpg")
+    )
+    received: list[int] = []
+
+    def stop(signum, _frame) -> None:
+        received.append(signum)
+        _signal_group(process, signal.SIGTERM)
+
+    handled = [s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {sig: signal.signal(sig, stop) for sig in handled}
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=30)
-        return 130
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if process.poll() is None:
+            _signal_group(process, signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
+                process.wait()
+        _signal_group(process, signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)  # stragglers
+    return 128 + received[0] if received else code
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the Streamlit process and everything in its process group (just the process on Windows)."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, sig)
+        elif process.poll() is None:
+            process.terminate()
+    except (ProcessLookupError, PermissionError):
+        pass

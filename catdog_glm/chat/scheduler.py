@@ -1,0 +1,453 @@
+"""The one loop that owns the model: at every step one batched forward for every active request.
+
+Requests wait in a FIFO queue and join the batch between steps while it has room (`max_batch_size` requests,
+`max_batch_tokens` tokens of KV cache reserved: prompt + the most new tokens each may make, so a running request
+never runs out of cache); each step prefills the newcomers and decodes one token for every running request in the
+same forward, samples every row with that request's own settings and hands each request its text pieces.
+A cancelled request leaves at the next step; a finished one at once.
+
+Why our own loop and not transformers' `ContinuousBatchingManager` (measured on transformers 5.24, torch 2.14 CPU,
+the embedded SmolLM2): the manager samples with one global generation config (no per-request seed, repetition
+penalty, or greedy and sampled requests side by side: only temperature/top-k/top-p can vary per request) and does
+not expose logits, so none of that can be added around it; and on this CPU it served 16 concurrent greedy
+requests at about the rate of this loop while its own per-call setup made one-at-a-time use 10x slower.
+
+How the batch is formed: all new tokens of all requests are packed into one row ([1, total tokens], each token
+with its own position id), so every Linear layer (where a CPU spends its time, reading the weights) runs once for
+the whole batch. Attention is computed per request, against that request's own KV cache, through transformers'
+own SDPA function, registered as an attention implementation. Per-request attention (rather than one left-padded
+[batch, length] tensor with a mask) means a request's attention sees exactly the same tensors whatever else is in
+the batch, with no padding and no re-padding when requests join or leave; only the Linear layers' matrix
+products see a different number of rows, and BLAS kernels may round those differently for different row counts
+(measured: ~1e-6 relative in fp32), which can flip a greedy choice only where the two best logits nearly tie.
+Models that do not support transformers' attention interface (remote code) are run one request per forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from catdog_glm.chat.sampling import Sampling, TokenSampler
+from catdog_glm.chat.streaming import END, IncrementalDetokenizer, StopStrings
+from catdog_glm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IDLE_EXIT_S = 10.0  # an idle scheduler's thread ends (and restarts on the next request): a dropped engine is freed
+PACKED_ATTENTION = "catdog_packed"
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was shut down (server stopping) before this request finished."""
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    truncated_messages: int = 0  # oldest turns dropped to fit the context window
+    token_ids: list[int] = field(default_factory=list)  # the completion's ids, stop token excluded
+
+
+class Request:
+    """One generation as the scheduler sees it. `inbox` receives text pieces, then END (after `reply`/`error`)."""
+
+    def __init__(
+        self,
+        prompt: list[int],
+        limit: int,
+        sampling: Sampling,
+        *,
+        stop_ids,
+        decode: Callable[[list[int]], str],
+        inbox,
+        truncated_messages: int = 0,
+    ):
+        self.prompt, self.limit, self.sampling, self.inbox = prompt, limit, sampling, inbox
+        self.stop_ids = frozenset(stop_ids)
+        self.truncated_messages = truncated_messages
+        self.sampler = TokenSampler(sampling, prompt)
+        self.detokenizer = IncrementalDetokenizer(decode)
+        self.stops = StopStrings(sampling.stop)
+        self.generated: list[int] = []
+        self.pieces: list[str] = []
+        self.cancelled = False
+        self.reply: Reply | None = None
+        self.error: BaseException | None = None
+        self.kv: Any = None  # SequenceKV (packed batches) or a DynamicCache (one request per forward)
+
+    @property
+    def reserved(self) -> int:
+        """KV cache tokens this request may need: its prompt and every token it may generate."""
+        return len(self.prompt) + self.limit
+
+    @property
+    def finished(self) -> bool:
+        return self.reply is not None or self.error is not None
+
+    def emit(self, piece: str) -> None:
+        if piece:
+            self.pieces.append(piece)
+            if not self.inbox.put(piece):
+                self.cancelled = True  # the reader's event loop is gone
+
+    def finish(self, reason: str | None = None, error: BaseException | None = None) -> None:
+        if self.finished:
+            return
+        self.kv = None
+        if error is not None:
+            self.error = error
+        else:
+            if reason == "length":
+                self.emit(self.stops.flush())
+            self.reply = Reply(
+                text="".join(self.pieces),
+                finish_reason=reason or "length",
+                prompt_tokens=len(self.prompt),
+                completion_tokens=len(self.generated),
+                truncated_messages=self.truncated_messages,
+                token_ids=list(self.generated),
+            )
+        self.inbox.put(END)
+
+
+class SequenceKV:
+    """One request's keys and values per layer, in buffers that grow by doubling up to what the request reserved."""
+
+    def __init__(self, reserved: int):
+        self.reserved = reserved
+        self.layers: dict[int, tuple[Any, Any, int]] = {}
+
+    def append(self, layer: int, key, value):
+        """Add this step's keys/values ([1, kv_heads, n, head_dim]); return all of them so far (views)."""
+        buf_k, buf_v, length = self.layers.get(layer, (None, None, 0))
+        need = length + key.shape[2]
+        if buf_k is None or need > buf_k.shape[2]:
+            old = 0 if buf_k is None else buf_k.shape[2]
+            capacity = max(need, min(self.reserved, max(2 * old, need + 32)))
+            shape = (key.shape[0], key.shape[1], capacity, key.shape[3])
+            new_k, new_v = key.new_empty(shape), value.new_empty(shape)
+            if length:
+                new_k[:, :, :length] = buf_k[:, :, :length]
+                new_v[:, :, :length] = buf_v[:, :, :length]
+            buf_k, buf_v = new_k, new_v
+        buf_k[:, :, length:need] = key
+        buf_v[:, :, length:need] = value
+        self.layers[layer] = (buf_k, buf_v, need)
+        return buf_k[:, :, :need], buf_v[:, :, :need]
+
+
+@dataclass
+class PackedBatch:
+    """Where each request's tokens sit in the packed row: (start, count, its KV cache)."""
+
+    segments: list[tuple[int, int, SequenceKV]]
+
+
+def _packed_attention(fallback, module, query, key, value, attention_mask, catdog_batch=None, **kwargs):
+    """Attention for a packed batch: each request's queries against its own cache, through transformers' SDPA.
+    Outside the scheduler (a plain forward or generate()) the model's original implementation runs."""
+    if catdog_batch is None:
+        return fallback(module, query, key, value, attention_mask, **kwargs)
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    outputs = []
+    for start, count, kv in catdog_batch.segments:
+        k, v = kv.append(module.layer_idx, key[:, :, start : start + count], value[:, :, start : start + count])
+        # a prefill (count > 1) starts from an empty cache, so SDPA's own causal flag is the right mask
+        out, _ = sdpa_attention_forward(module, query[:, :, start : start + count], k, v, None, **kwargs)
+        outputs.append(out)
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
+
+
+def enable_packed_attention(model) -> bool:
+    """Route the model's attention through `_packed_attention` (its original implementation still serves plain
+    forwards). False when the model does not use transformers' attention interface."""
+    if not getattr(model, "_supports_attention_backend", False):
+        return False
+    original = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if original.startswith(PACKED_ATTENTION):
+        return True
+    if original not in ("sdpa", "eager"):
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = f"{PACKED_ATTENTION}_{original}"
+    # "eager" has no shared function (each model file has its own); SDPA computes the same attention
+    fallback = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionInterface.register(name, partial(_packed_attention, fallback))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    model.set_attn_implementation(name)
+    return True
+
+
+def kv_bytes_per_token(model, dtype) -> int:
+    """Bytes of keys and values one token takes across all layers."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = getattr(config, "num_hidden_layers", 1)
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize
+
+
+def free_memory_bytes(device) -> int | None:
+    """Memory a KV cache could use on `device`: free GPU memory, or MemAvailable of the host."""
+    try:
+        if device is not None and getattr(device, "type", "cpu") == "cuda":
+            import torch
+
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, RuntimeError):
+        pass
+    return None
+
+
+# Measured with benchmarks/bench_serve_chat.py on a 2-core CPU (embedded SmolLM2, int4 and bf16): aggregate
+# throughput still grows from 16 to 32 concurrent streams but each stream slows below a readable pace; a GPU's
+# step costs little more for 64 sequences than for 8.
+DEFAULT_MAX_BATCH_SIZE = {"cpu": 16, "cuda": 64, "mps": 16}
+KV_MEMORY_SHARE = 0.3  # of the memory free after loading, for the KV cache of the whole batch
+
+
+def default_limits(chat_model) -> tuple[int, int]:
+    """(max_batch_size, max_batch_tokens) for this model on its device: batch size from measurement per device
+    kind; KV tokens from the memory free now, never less than one full context window."""
+    kind = getattr(chat_model.device, "type", "cpu")
+    size = DEFAULT_MAX_BATCH_SIZE.get(kind, 16)
+    tokens = chat_model.context_window
+    free = free_memory_bytes(chat_model.device)
+    if free is not None:
+        tokens = max(
+            tokens, int(free * KV_MEMORY_SHARE / max(1, kv_bytes_per_token(chat_model.model, chat_model.dtype)))
+        )
+    return size, tokens
+
+
+class Scheduler:
+    def __init__(self, chat_model, *, max_batch_size: int, max_batch_tokens: int):
+        if max_batch_size < 1 or max_batch_tokens < 1:
+            raise ConfigError("--max-batch-size and --max-batch-tokens must be positive")
+        self.chat_model = chat_model
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # touched by the loop's thread only
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._packed: bool | None = None  # decided on the loop's first step
+        self.steps = 0  # forward steps run
+        self.peak_batch = 0  # the most requests one step has served
+        self._no_mask = None
+
+    # ---- any thread -----------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        if request.reserved > self.max_batch_tokens:
+            raise ConfigError(
+                f"this request needs {request.reserved} tokens of KV cache (prompt + max new tokens), more than "
+                f"the server's --max-batch-tokens {self.max_batch_tokens}; lower max_tokens or shorten the prompt"
+            )
+        if request.limit <= 0:  # the prompt already fills the context window
+            request.finish("length")
+            return
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the chat engine is shut down")
+            self._waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="catdog-scheduler", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """End every queued and running request (EngineClosedError) and stop the loop."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify()
+        if timeout and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def counts(self) -> dict:
+        with self._cond:
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "steps": self.steps,
+                "peak_batch": self.peak_batch,
+            }
+
+    # ---- the loop's thread ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._waiting or self._running or self._closed):
+                        if not self._cond.wait(IDLE_EXIT_S) and not (self._waiting or self._closed):
+                            self._thread = None
+                            return
+                    if self._closed:
+                        ending = [*self._running, *self._waiting]
+                        self._running, self._waiting = [], deque()
+                        self._thread = None
+                        break
+                    dropped = [r for r in self._waiting if r.cancelled]
+                    if dropped:
+                        self._waiting = deque(r for r in self._waiting if not r.cancelled)
+                    new = self._admit()
+                for request in dropped:
+                    request.finish("cancelled")
+                for request in [r for r in self._running if r.cancelled]:
+                    request.finish("cancelled")
+                self._running = [r for r in self._running if not r.finished]
+                if new or self._running:
+                    self._step(new)
+        for request in ending:
+            request.finish(error=EngineClosedError("the server is shutting down"))
+
+    def _admit(self) -> list[Request]:
+        """FIFO: newcomers join while the batch has room; the first that does not fit waits, and so do all after it."""
+        new: list[Request] = []
+        reserved = sum(r.reserved for r in self._running)
+        while self._waiting and len(self._running) + len(new) < self.max_batch_size:
+            if reserved + self._waiting[0].reserved > self.max_batch_tokens:
+                break
+            request = self._waiting.popleft()
+            reserved += request.reserved
+            new.append(request)
+        return new
+
+    def _step(self, new: list[Request]) -> None:
+        import torch
+
+        running = self._running
+        batch = running + new
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(batch))
+        try:
+            logits = self._forward(running, new).float()
+        except Exception as e:  # the whole step failed: its requests end with the error, the loop goes on
+            log.exception("a generation step failed")
+            for request in batch:
+                request.finish(error=e)
+            self._running = []
+            return
+        tokens: list[int | None] = [None] * len(batch)
+        plain = [i for i, r in enumerate(batch) if r.sampler.plain_greedy]
+        if plain:
+            index = torch.tensor(plain, device=logits.device)
+            for i, token in zip(plain, logits.index_select(0, index).argmax(-1).tolist(), strict=True):
+                tokens[i] = token
+        for i, request in enumerate(batch):
+            try:
+                token = tokens[i] if tokens[i] is not None else request.sampler(logits[i])
+                self._advance(request, token)
+            except Exception as e:  # this request fails alone
+                log.exception("a request failed")
+                request.finish(error=e)
+        self._running = [r for r in batch if not r.finished]
+
+    @staticmethod
+    def _advance(request: Request, token: int) -> None:
+        if token in request.stop_ids:
+            request.finish("stop")
+            return
+        request.generated.append(token)
+        request.sampler.observe(token)
+        text = request.detokenizer.push(token)
+        piece, stopped = request.stops.feed(text) if text else ("", False)
+        request.emit(piece)
+        if stopped:
+            request.finish("stop")
+        elif len(request.generated) >= request.limit:
+            request.finish("length")
+
+    def _forward(self, running: list[Request], new: list[Request]):
+        """Logits [len(running) + len(new), vocab] for the next token of each request."""
+        if self._packed is None:
+            self._packed = enable_packed_attention(self.chat_model.model)
+            if not self._packed:
+                log.info("%s does not use transformers' attention interface: one request per forward")
+        if self._packed:
+            return self._forward_packed(running, new)
+        return self._forward_each(running, new)
+
+    def _forward_packed(self, running: list[Request], new: list[Request]):
+        import torch
+
+        ids: list[int] = []
+        positions: list[int] = []
+        segments: list[tuple[int, int, SequenceKV]] = []
+        last: list[int] = []
+        for request in running:
+            segments.append((len(ids), 1, request.kv))
+            last.append(len(ids))
+            ids.append(request.generated[-1])
+            positions.append(len(request.prompt) + len(request.generated) - 1)
+        for request in new:
+            request.kv = SequenceKV(request.reserved)
+            segments.append((len(ids), len(request.prompt), request.kv))
+            ids += request.prompt
+            positions += range(len(request.prompt))
+            last.append(len(ids) - 1)
+        device = self.chat_model.device
+        if self._no_mask is None:
+            # an (unused) 4D mask: transformers then skips building a causal mask for the packed row
+            self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+        out = self.chat_model.model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            attention_mask=self._no_mask,
+            use_cache=False,
+            logits_to_keep=torch.tensor(last, device=device),
+            catdog_batch=PackedBatch(segments),
+        )
+        return out.logits[0]
+
+    def _forward_each(self, running: list[Request], new: list[Request]):
+        """One forward per request, each with its own DynamicCache (models without the attention interface)."""
+        import inspect
+
+        import torch
+        from transformers import DynamicCache
+
+        model, device = self.chat_model.model, self.chat_model.device
+        # transformers 5.x renamed forward's `past_key_values` to `cache`; accept either.
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        rows = []
+        for request in running + new:
+            if request.kv is None:
+                request.kv = DynamicCache()
+                step = request.prompt
+            else:
+                step = request.generated[-1:]
+            out = model(
+                input_ids=torch.tensor([step], device=device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_arg: request.kv},
+            )
+            rows.append(out.logits[0, -1])
+        return torch.stack(rows)
