@@ -16,13 +16,15 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def check_precision(value: str, allowed: tuple[str, ...], command: str, hint: str = "") -> str:
+def check_precision(
+    value: str, allowed: tuple[str, ...], command: str, hint: str = "", option: str = "--precision"
+) -> str:
     """`value` if it is one of `allowed`, else a ConfigError naming the values `command` takes (and why)."""
     if value not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+        raise ConfigError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
     if value not in allowed:
         raise ConfigError(
-            f"--precision {value} does not apply to {command}{f' ({hint})' if hint else ''}; use {', '.join(allowed)}"
+            f"{option} {value} does not apply to {command}{f' ({hint})' if hint else ''}; use {', '.join(allowed)}"
         )
     return value
 

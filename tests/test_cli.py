@@ -71,7 +71,9 @@ def test_every_option_has_help_text(command):
     [
         (["train", "--data", "/no/such/folder"], "does not exist"),
         (["train", "--data", ".", "--precision", "int8"], "--precision int8 does not apply to training"),
-        (["train", "--data", ".", "--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, int8"),
+        (["train", "--data", ".", "--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, got"),
+        (["chat", "--precision", "int8"], "--precision int8 does not apply to chat models (int8/int4 weights: --quan"),
+        (["export", "chat", "--model", ".", "--out", "x", "--precision", "int8"], "does not apply to an export"),
         (["train", "--data", ".", "--epochs", "0"], "--epochs must be at least 1"),
         (["eval", "--checkpoint", "/no/such.pt", "--data", "."], "does not exist"),
         (["train", "--data", ".", "--device", "tpu"], "unknown device"),

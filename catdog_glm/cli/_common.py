@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from catdog_glm.config import PRECISIONS
 from catdog_glm.errors import CatdogError, ConfigError
 
 console = Console()
@@ -67,7 +68,7 @@ def legacy_precision(precision: str, *, amp: bool | None = None, dtype: str | No
         old, value = f"--dtype {dtype}", dtype
     else:
         return precision
-    deprecated(old, f"--precision {value}")
+    deprecated(old, f"--precision {value}" if value in PRECISIONS else "--precision")
     if precision not in ("auto", value):
         raise ConfigError(f"{old} and --precision {precision} disagree; pass only --precision")
     return value

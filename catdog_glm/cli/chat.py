@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from catdog_glm.cli._common import err_console, user_errors
+from catdog_glm.cli._common import err_console, legacy_precision, user_errors
+from catdog_glm.config import check_precision
 
 HELP = "Commands: /clear (forget the conversation), /system TEXT (set the system prompt), /exit"
 
@@ -21,7 +22,12 @@ ModelOption = Annotated[
     ),
 ]
 QuantizeOption = Annotated[int | None, typer.Option(help="Weight-only quantization of the transformer blocks: 4 or 8.")]
-DtypeOption = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32; int8/int4 weights: --quantize."),
+]
+LegacyDtypeOption = Annotated[str | None, typer.Option("--dtype", hidden=True, help="Deprecated: --precision.")]
+CHAT_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 TrustRemoteCodeOption = Annotated[
     bool,
@@ -29,6 +35,13 @@ TrustRemoteCodeOption = Annotated[
         "--trust-remote-code", help="Run Python code shipped in the model folder (off: never needed for ChatGLM3)."
     ),
 ]
+
+
+def chat_precision(precision: str, dtype: str | None = None) -> str:
+    """The compute dtype name for a chat model from --precision (or the deprecated --dtype)."""
+    value = legacy_precision(precision, dtype=dtype)
+    option = "--precision" if dtype is None else "--dtype"
+    return check_precision(value, CHAT_PRECISIONS, "chat models", "int8/int4 weights: --quantize 8 or 4", option)
 
 
 def load_engine(model, quantize, dtype, device, trust_remote_code, **limits):
@@ -72,7 +85,8 @@ def load_engine(model, quantize, dtype, device, trust_remote_code, **limits):
 def chat(
     model: ModelOption = None,
     quantize: QuantizeOption = None,
-    dtype: DtypeOption = "auto",
+    precision: PrecisionOption = "auto",
+    dtype: LegacyDtypeOption = None,
     device: DeviceOption = "auto",
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 means greedy.")] = 0.8,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling probability mass.")] = 0.8,
@@ -89,7 +103,7 @@ def chat(
 
     Example: printf 'What is the capital of France?\\n' | catdog chat --temperature 0
     """
-    engine = load_engine(model, quantize, dtype, device, trust_remote_code)
+    engine = load_engine(model, quantize, chat_precision(precision, dtype), device, trust_remote_code)
     sampling = dict(
         temperature=temperature,
         top_p=top_p,

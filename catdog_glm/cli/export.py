@@ -8,12 +8,24 @@ from typing import Annotated
 import typer
 from rich.progress import Progress
 
-from catdog_glm.cli._common import console, err_console, user_errors
+from catdog_glm.cli._common import console, err_console, legacy_precision, user_errors
+from catdog_glm.config import check_precision
 
 app = typer.Typer(
     help="Export models for other engines: ChatGLM3 as a plain transformers folder, the classifier as ONNX.",
     no_args_is_help=True,
 )
+
+
+EXPORT_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def _export_precision(precision: str, dtype: str | None) -> str:
+    """The weight dtype name of a chat export from --precision (auto: bf16) or the deprecated --dtype."""
+    value = legacy_precision(precision, dtype=dtype)
+    option = "--precision" if dtype is None else "--dtype"
+    check_precision(value, EXPORT_PRECISIONS, "an export", "it writes the weights in one dtype", option)
+    return "bf16" if value == "auto" else value
 
 
 @app.command("chat")
@@ -27,7 +39,10 @@ def export_chat(
         ),
     ],
     out: Annotated[Path, typer.Option(help="Folder to write; it must not exist yet (or pass --overwrite).")],
-    dtype: Annotated[str, typer.Option(help="Weight dtype of the export: bf16, fp16 or fp32.")] = "bf16",
+    precision: Annotated[
+        str, typer.Option(help="Weight dtype of the export: auto (bf16), bf16, fp16 or fp32.")
+    ] = "auto",
+    dtype: Annotated[str | None, typer.Option("--dtype", hidden=True, help="Deprecated: --precision.")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB or 500MB.")] = "2GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
@@ -39,13 +54,15 @@ def export_chat(
     from catdog_glm.chat.export import export_chatglm3
     from catdog_glm.chat.hub import resolve_model
 
+    weights = _export_precision(precision, dtype)
+
     folder = Path(resolve_model(model))  # a hub id -> its cached (or downloaded) folder
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("exporting shards", total=None)
         result = export_chatglm3(
             folder,
             out,
-            dtype=dtype,
+            dtype=weights,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             on_shard=lambda done, total: progress.update(task, completed=done, total=total),

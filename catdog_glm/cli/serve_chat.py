@@ -7,14 +7,23 @@ from typing import Annotated
 import typer
 
 from catdog_glm.cli._common import console, user_errors
-from catdog_glm.cli.chat import DeviceOption, DtypeOption, ModelOption, QuantizeOption, TrustRemoteCodeOption
+from catdog_glm.cli.chat import (
+    DeviceOption,
+    LegacyDtypeOption,
+    ModelOption,
+    PrecisionOption,
+    QuantizeOption,
+    TrustRemoteCodeOption,
+    chat_precision,
+)
 
 
 @user_errors
 def serve_chat(
     model: ModelOption = None,
     quantize: QuantizeOption = None,
-    dtype: DtypeOption = "auto",
+    precision: PrecisionOption = "auto",
+    dtype: LegacyDtypeOption = None,
     device: DeviceOption = "auto",
     host: Annotated[
         str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to your network.")
@@ -69,6 +78,7 @@ def serve_chat(
     from catdog_glm.serve.chat_api import ApiLimits
     from catdog_glm.serve.chat_server import serve_chat as run_server
 
+    dtype = chat_precision(precision, dtype)
     batch_limits = [v for v in (max_batch_size, max_batch_tokens) if v is not None]
     if min(max_tokens, max_messages, max_body, queue_size, *batch_limits) < 1 or timeout <= 0:
         raise ConfigError(
