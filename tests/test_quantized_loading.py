@@ -125,3 +125,19 @@ def test_loading_streams_one_tensor_at_a_time(tmp_path, fmt):
     stats = json.loads(out.stdout)
     assert stats["held"] < 0.2 * source
     assert stats["growth"] < 0.7 * source, stats
+
+
+def test_catdog_chat_no_cache_leaves_the_cache_alone(tmp_path):
+    folder = make_tiny_chatglm3(tmp_path / "model", "safetensors", shards=2)
+    env = catdog_env() | {"CATDOG_CACHE_DIR": str(tmp_path / "cache")}
+    args = [*CATDOG, "chat", "--model", str(folder), "--quantize", "4", "--temperature", "0", "--max-new-tokens", "3"]
+
+    def chat(*extra):
+        out = subprocess.run([*args, *extra], input="hello\n", capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out
+
+    chat("--no-cache")
+    assert not (tmp_path / "cache" / "converted").exists()
+    chat()
+    assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1

@@ -226,9 +226,11 @@ def load_engine(
     on_progress: Callable[[int, int], None] | None = None,
     max_batch_size: int | None = None,
     max_batch_tokens: int | None = None,
+    use_cache: bool = True,
 ) -> ChatEngine:
     """The engine factory every front end uses: load `spec` (None = the embedded default) and wrap it.
-    `on_progress(done, total)` is called per weight shard, so a caller can draw its own progress."""
+    `on_progress(done, total)` is called per weight shard, so a caller can draw its own progress; `use_cache=False`
+    neither reads nor writes the cache of quantized conversions."""
     from catdog_glm.chat.loading import load_chat_model
 
     chat_model = load_chat_model(
@@ -238,5 +240,6 @@ def load_engine(
         quantize=quantize,
         trust_remote_code=trust_remote_code,
         on_progress=on_progress,
+        use_cache=use_cache,
     )
     return ChatEngine(chat_model, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)

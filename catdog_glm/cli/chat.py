@@ -29,6 +29,12 @@ PrecisionOption = Annotated[
 LegacyDtypeOption = Annotated[str | None, typer.Option("--dtype", hidden=True, help="Deprecated: --precision.")]
 CHAT_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+NoCacheOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache", help="With --quantize: convert the weights again, neither reading nor writing the cache."
+    ),
+]
 TrustRemoteCodeOption = Annotated[
     bool,
     typer.Option(
@@ -97,13 +103,16 @@ def chat(
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     trust_remote_code: TrustRemoteCodeOption = False,
+    no_cache: NoCacheOption = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
     """Chat in the terminal: streamed replies, multi-turn history, /clear, /system TEXT, /exit.
 
     Example: printf 'What is the capital of France?\\n' | catdog chat --temperature 0
     """
-    engine = load_engine(model, quantize, chat_precision(precision, dtype), device, trust_remote_code)
+    engine = load_engine(
+        model, quantize, chat_precision(precision, dtype), device, trust_remote_code, use_cache=not no_cache
+    )
     sampling = dict(
         temperature=temperature,
         top_p=top_p,

@@ -11,6 +11,7 @@ from catdog_glm.cli.chat import (
     DeviceOption,
     LegacyDtypeOption,
     ModelOption,
+    NoCacheOption,
     PrecisionOption,
     QuantizeOption,
     TrustRemoteCodeOption,
@@ -57,6 +58,7 @@ def serve_chat(
         ),
     ] = None,
     trust_remote_code: TrustRemoteCodeOption = False,
+    no_cache: NoCacheOption = False,
     ui: Annotated[
         str, typer.Option(help="Web page: gradio (page + API on one port) or streamlit (the book's web_demo2 page).")
     ] = "gradio",
@@ -116,6 +118,7 @@ def serve_chat(
         trust_remote_code,
         max_batch_size=max_batch_size,
         max_batch_tokens=max_batch_tokens,
+        use_cache=not no_cache,
     )
     limits = ApiLimits(
         max_body_bytes=max_body,
