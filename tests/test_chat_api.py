@@ -59,3 +59,25 @@ def test_requests_that_run_too_long_are_stopped(engine, monkeypatch):
     )
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     assert client.get("/health").json()["active_requests"] == 0
+
+
+def test_streamed_pieces_arrive_through_the_event_loop_and_match_the_whole_reply(engine):
+    import json
+
+    client = TestClient(create_api(engine, ApiLimits(max_tokens=16)))
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "temperature": 0}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_a_closed_engine_answers_503_shutting_down(engine):
+    closed = ChatEngine(engine.model)  # a second engine over the same model, shut down as a stopping server does
+    closed.close()
+    client = TestClient(create_api(closed, ApiLimits(max_tokens=8)))
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}]})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    assert r.headers["retry-after"] == "5" and client.get("/health").json()["active_requests"] == 0

@@ -81,9 +81,10 @@ def test_cancel_stops_within_a_token(engine):
     for piece in generation:
         pieces.append(piece)
         if len(pieces) == 3:
+            made = generation.completion_tokens
             generation.cancel()
     assert generation.reply.finish_reason == "cancelled"
-    assert generation.reply.completion_tokens <= 4
+    assert generation.reply.completion_tokens <= made + 1  # the step under way when cancel() came, no more
 
 
 def test_concurrent_calls_queue_and_never_interleave(engine):

@@ -323,3 +323,79 @@ def test_real_browser_streams_stops_and_clears(open_server, tmp_path):
         assert "capital of France" not in page.inner_text("#chatbot")
         browser.close()
     assert (shots / "serve_chat.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def fp32_server():
+    """The API over an fp32 engine, served by uvicorn on a thread of this process (so the test can compare each
+    HTTP reply with the same engine's solo run)."""
+    import uvicorn
+
+    from catdog_glm.chat.engine import ChatEngine
+    from catdog_glm.chat.loading import load_chat_model
+    from catdog_glm.serve.chat_api import ApiLimits, create_api
+    from tests.conftest import free_port
+
+    engine = ChatEngine(load_chat_model(None, dtype="fp32"), max_batch_size=16)
+    port = free_port()
+    config = uvicorn.Config(create_api(engine, ApiLimits(max_waiting=32)), host="127.0.0.1", port=port)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.1)
+    yield engine, url
+    server.should_exit = True
+    thread.join(30)
+    engine.close()
+
+
+def test_sixteen_concurrent_fp32_clients_get_exactly_their_solo_replies(fp32_server):
+    engine, url = fp32_server
+    questions = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "How many legs does a spider have?",
+        "Write a haiku about the sea.",
+    ]
+    solo = {q: engine.chat([{"role": "user", "content": q}], temperature=0, max_new_tokens=20) for q in questions}
+    peak_before = engine.load()["peak_batch"]
+    results: dict[int, tuple[str, str, dict | None]] = {}
+    errors: list[str] = []
+    start = threading.Barrier(16)
+
+    def client(i: int):
+        q = questions[i % len(questions)]
+        body = {"messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 20}
+        try:
+            start.wait(30)
+            if i % 2:
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
+                text, usage = "", None
+                with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            chunk = json.loads(line[6:])
+                            usage = chunk.get("usage") or usage
+                            text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+            else:
+                r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+                r.raise_for_status()
+                text, usage = r.json()["choices"][0]["message"]["content"], r.json()["usage"]
+            results[i] = (q, text, usage)
+        except Exception as e:  # collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors and len(results) == 16
+    assert peak_before == 1 and engine.load()["peak_batch"] >= 8  # served together, not one after another
+    for q, text, usage in results.values():
+        assert text == solo[q].text, (q, text, solo[q].text)
+        assert usage["completion_tokens"] == solo[q].completion_tokens
+        assert usage["prompt_tokens"] == solo[q].prompt_tokens

@@ -6,11 +6,12 @@ never runs out of cache); each step prefills the newcomers and decodes one token
 same forward, samples every row with that request's own settings and hands each request its text pieces.
 A cancelled request leaves at the next step; a finished one at once.
 
-Why our own loop and not transformers' `ContinuousBatchingManager` (measured on transformers 5.24, torch 2.14 CPU,
-the embedded SmolLM2): the manager samples with one global generation config (no per-request seed, repetition
-penalty, or greedy and sampled requests side by side: only temperature/top-k/top-p can vary per request) and does
-not expose logits, so none of that can be added around it; and on this CPU it served 16 concurrent greedy
-requests at about the rate of this loop while its own per-call setup made one-at-a-time use 10x slower.
+Why our own loop and not transformers' `ContinuousBatchingManager` (transformers 5.24, torch 2.14, measured here on
+the embedded SmolLM2 with one thread, 32 greedy tokens per request): it runs our int4 layers and its greedy tokens
+match this loop's, and it is no faster (fp32: 7.7 tok/s alone, 33.9 tok/s for 16 requests, against 7.5 and 39.4 here;
+int4: 9.9 and 32.0 against 14.1 and 35.9). But it samples with one global generation config: only temperature,
+top-k and top-p can vary per request; no per-request seed, repetition penalty, or greedy and sampled requests side
+by side, and it does not hand out logits, so none of that can be added around it. Those are what the API promises.
 
 How the batch is formed: all new tokens of all requests are packed into one row ([1, total tokens], each token
 with its own position id), so every Linear layer (where a CPU spends its time, reading the weights) runs once for
@@ -218,10 +219,11 @@ def free_memory_bytes(device) -> int | None:
     return None
 
 
-# Measured with benchmarks/bench_serve_chat.py on a 2-core CPU (embedded SmolLM2, int4 and bf16): aggregate
-# throughput still grows from 16 to 32 concurrent streams but each stream slows below a readable pace; a GPU's
-# step costs little more for 64 sequences than for 8.
-DEFAULT_MAX_BATCH_SIZE = {"cpu": 16, "cuda": 64, "mps": 16}
+# Requests per step by device. CPU: measured on the 2-core machine (SmolLM2, one thread, step time at 1/8/16/32/64
+# sequences): int4 89/239/321/466/1095 ms, so aggregate tok/s peaks at 32 (69 tok/s; 50 at 16, 58 at 64); bf16
+# 234/287/310/442/597 ms, still growing at 64 but each stream already slower than 3 tok/s at 32. GPU: not measured
+# (no GPU here); a GPU decode step, bound by reading the weights, costs little more for 64 sequences than for one.
+DEFAULT_MAX_BATCH_SIZE = {"cpu": 32, "cuda": 64, "mps": 32}
 KV_MEMORY_SHARE = 0.3  # of the memory free after loading, for the KV cache of the whole batch
 
 
@@ -229,7 +231,7 @@ def default_limits(chat_model) -> tuple[int, int]:
     """(max_batch_size, max_batch_tokens) for this model on its device: batch size from measurement per device
     kind; KV tokens from the memory free now, never less than one full context window."""
     kind = getattr(chat_model.device, "type", "cpu")
-    size = DEFAULT_MAX_BATCH_SIZE.get(kind, 16)
+    size = DEFAULT_MAX_BATCH_SIZE.get(kind, 32)
     tokens = chat_model.context_window
     free = free_memory_bytes(chat_model.device)
     if free is not None:
@@ -301,31 +303,42 @@ class Scheduler:
     def _loop(self) -> None:
         import torch
 
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not (self._waiting or self._running or self._closed):
-                        if not self._cond.wait(IDLE_EXIT_S) and not (self._waiting or self._closed):
-                            self._thread = None
-                            return
-                    if self._closed:
-                        ending = [*self._running, *self._waiting]
-                        self._running, self._waiting = [], deque()
-                        self._thread = None
-                        break
-                    dropped = [r for r in self._waiting if r.cancelled]
-                    if dropped:
-                        self._waiting = deque(r for r in self._waiting if not r.cancelled)
-                    new = self._admit()
-                for request in dropped:
-                    request.finish("cancelled")
-                for request in [r for r in self._running if r.cancelled]:
-                    request.finish("cancelled")
-                self._running = [r for r in self._running if not r.finished]
-                if new or self._running:
-                    self._step(new)
-        for request in ending:
-            request.finish(error=EngineClosedError("the server is shutting down"))
+        ending: list[Request] = []
+        new: list[Request] = []
+        error: BaseException | None = None
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not (self._waiting or self._running or self._closed):
+                            if not self._cond.wait(IDLE_EXIT_S) and not (self._waiting or self._closed):
+                                self._thread = None
+                                return
+                        if self._closed:
+                            break
+                        dropped = [r for r in self._waiting if r.cancelled]
+                        if dropped:
+                            self._waiting = deque(r for r in self._waiting if not r.cancelled)
+                        new = self._admit()
+                    for request in dropped:
+                        request.finish("cancelled")
+                    for request in self._running:
+                        if request.cancelled:
+                            request.finish("cancelled")
+                    self._running = [r for r in self._running if not r.finished]
+                    if new or self._running:
+                        self._step(new)
+        except BaseException as e:  # a bug in the loop itself: fail every request rather than leave them hanging
+            log.exception("the scheduler loop failed")
+            error = e
+        finally:
+            with self._cond:
+                if self._closed or error is not None:
+                    ending = [*self._running, *new, *self._waiting]  # finish() ignores a second call
+                    self._running, self._waiting = [], deque()
+                    self._thread = None
+            for request in ending:
+                request.finish(error=error or EngineClosedError("the server is shutting down"))
 
     def _admit(self) -> list[Request]:
         """FIFO: newcomers join while the batch has room; the first that does not fit waits, and so do all after it."""
@@ -372,6 +385,7 @@ class Scheduler:
     @staticmethod
     def _advance(request: Request, token: int) -> None:
         if token in request.stop_ids:
+            request.emit(request.stops.flush())  # a held-back tail that never became a stop string
             request.finish("stop")
             return
         request.generated.append(token)

@@ -45,10 +45,10 @@ def serve_chat(
     max_messages: Annotated[int, typer.Option(help="The most messages (history included) in one request.")] = 64,
     max_body: Annotated[int, typer.Option(help="The largest request body in bytes.")] = 1 << 20,
     timeout: Annotated[float, typer.Option(help="Seconds a request may generate before it is stopped.")] = 300.0,
-    queue_size: Annotated[int, typer.Option(help="Requests generating or waiting; beyond it: 503 + Retry-After.")] = 32,
+    queue_size: Annotated[int, typer.Option(help="Requests generating or waiting; beyond it: 503 + Retry-After.")] = 64,
     max_batch_size: Annotated[
         int | None,
-        typer.Option(help="Requests generated together in one batch (default: measured per device, 16 on a CPU)."),
+        typer.Option(help="Requests generated together in one batch (default: measured per device, 32 on a CPU)."),
     ] = None,
     max_batch_tokens: Annotated[
         int | None,

@@ -31,7 +31,7 @@ class ApiLimits:
     max_messages: int = 64
     max_tokens: int = 2048  # the cap on max_tokens / max_new_tokens a client may ask for
     request_timeout_s: float = 300.0
-    max_waiting: int = 16  # requests generating or queued; beyond: 503 with Retry-After
+    max_waiting: int = 64  # requests generating or queued; beyond: 503 with Retry-After
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
 
