@@ -48,6 +48,18 @@ def test_quantizing_while_streaming_equals_quantizing_the_loaded_model(tiny, bit
     assert torch.equal(_logits(streamed, ids), _logits(loaded, ids))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_cached_conversion_runs_like_the_fresh_one(tmp_path, monkeypatch, bits):
+    """Each kind of quantized layer runs from cached tensors (an unaligned int8 weight used to crash its kernel)."""
+    monkeypatch.setenv("CATDOG_CACHE_DIR", str(tmp_path / "cache"))
+    folder = make_tiny_chatglm3(tmp_path / "model", "bin", shards=2, hidden_size=128, ffn_hidden_size=256)
+    fresh = load_chat_model(str(folder), dtype="bf16", quantize=bits)
+    cached = load_chat_model(str(folder), dtype="bf16", quantize=bits)
+    assert cached.info["conversion_cache"] and not fresh.info["conversion_cache"]
+    ids = fresh.encode_chat(PROMPT)
+    assert torch.equal(_logits(fresh.model, ids), _logits(cached.model, ids))
+
+
 def test_second_quantized_load_comes_from_the_cache_and_answers_the_same(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("CATDOG_CACHE_DIR", str(tmp_path / "cache"))
     first = load_chat_model(str(tiny), dtype="fp32", quantize=4)

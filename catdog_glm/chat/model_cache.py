@@ -96,7 +96,7 @@ def load_conversion(model, folder: Path) -> bool:
     try:
         for shard in shards:
             with safe_open(str(shard), framework="pt") as f:
-                part = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+                part = {name: _aligned(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 - not a dict
             unknown = set(part) - expected
             if unknown:
                 raise ValueError(f"unexpected weight {sorted(unknown)[0]}")
@@ -110,6 +110,12 @@ def load_conversion(model, folder: Path) -> bool:
         log.warning("ignoring an incomplete converted-model cache at %s", folder)
         return False
     return True
+
+
+def _aligned(tensor):
+    """safetensors hands tensors at the file's 8-byte data offsets; torch's packed int8 kernel reads its weight with
+    aligned vector loads and crashes (SIGSEGV) on such a tensor, so copy any that is not 64-byte aligned."""
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
 
 
 def list_conversions() -> list[dict]:
