@@ -109,7 +109,7 @@ print(json.dumps({
 LLAMA_CHILD = r"""
 import json, resource, sys, time
 import numpy as np
-from llama_cpp import Llama
+from llama_cpp import Llama, llama_get_logits_ith
 path, new_tokens, prefill, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 t = time.perf_counter()
 llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512, verbose=False)
@@ -117,11 +117,13 @@ load_s = time.perf_counter() - t
 rng = np.random.default_rng(0)
 tokens = [int(x) for x in rng.integers(10, 400, prefill)]
 llm.eval(tokens[:16]); llm.reset()  # warm-up
+def next_token():  # greedy, from the last logits (llm.scores is not filled without logits_all)
+    return int(np.argmax(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))))
 t = time.perf_counter(); llm.eval(tokens); prefill_s = time.perf_counter() - t
-token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+token = next_token()
 t = time.perf_counter()
 for _ in range(new_tokens - 1):
-    llm.eval([token]); token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    llm.eval([token]); token = next_token()
 decode = (new_tokens - 1) / (time.perf_counter() - t)
 print(json.dumps({
     "load_s": load_s, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
