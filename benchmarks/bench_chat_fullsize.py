@@ -8,6 +8,10 @@ once, 12.5 GB, about 2 minutes). Each configuration runs in its own process, so 
 
     python benchmarks/bench_chat_fullsize.py [--model DIR] [--modes bf16,int8,int4] [--llama-gguf FILE.gguf]
 
+The Q4_0 GGUF for --llama-gguf comes from benchmarks/llama_cpp/ (llama.cpp's own converter, with ChatGLM3's
+vocabulary read from tokenizer.model, then llama.cpp's quantizer); run with --llama-python set to a Python that has
+llama-cpp-python.
+
 Decode is bound by reading every weight once per token, so `ceiling tok/s = read GiB/s / weight GiB` is the best any
 implementation can do here; `of ceiling` says how close each one gets.
 """
