@@ -19,8 +19,13 @@ NEAR_TIE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    chat = load_chat_model(str(make_tiny_chatglm3(tmp_path_factory.mktemp("tiny"))), dtype="fp32")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_chatglm3(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    chat = load_chat_model(str(tiny_dir), dtype="fp32")
     chat.stop_ids = set()  # the random model would stop at random: every request makes all its tokens
     return chat
 
@@ -140,6 +145,21 @@ def test_smollm2_fp32_batched_tokens_equal_solo_runs(smol, smol_solo, concurrent
         _assert_same_or_near_tie(smol, smol.encode_chat(messages), alone.token_ids, gen.reply.token_ids)
         assert "".join(got) == gen.reply.text and gen.reply.completion_tokens == len(gen.reply.token_ids)
         assert gen.reply.prompt_tokens == alone.prompt_tokens
+    engine.close()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layers_take_the_packed_batch(tiny_dir, bits):
+    chat = load_chat_model(str(tiny_dir), dtype="fp32", quantize=bits, use_cache=False)
+    chat.stop_ids = set()
+    engine = ChatEngine(chat, max_batch_size=8, max_batch_tokens=4096)
+    prompts = _prompts(4, ["hello", "world", "capital", "France"])
+    lengths = [30 - 2 * i for i in range(4)]
+    solo = [engine.chat(p, temperature=0, max_new_tokens=n) for p, n in zip(prompts, lengths, strict=True)]
+    gens, _ = _run_staggered(engine, prompts, lengths)
+    assert engine.load()["peak_batch"] == 4
+    for messages, alone, gen in zip(prompts, solo, gens, strict=True):
+        _assert_same_or_near_tie(chat, chat.encode_chat(messages), alone.token_ids, gen.reply.token_ids)
     engine.close()
 
 
