@@ -67,7 +67,7 @@ def _prompts(n: int, words: list[str]) -> list[list[dict]]:
     return [[{"role": "user", "content": " ".join(rng.choice(words) for _ in range(1 + 7 * i))}] for i in range(n)]
 
 
-def _run_staggered(engine: ChatEngine, prompts, max_new_tokens: list[int]):
+def _run_staggered(engine: ChatEngine, prompts, max_new_tokens: list[int], **sampling):
     """Start the first request; each next one joins once the one before has made 1 or 2 tokens (so they join the
     running batch at different steps); read every stream to its end. Returns (generations, pieces per request)."""
     gens, iters, pieces = [], [], []
@@ -78,7 +78,7 @@ def _run_staggered(engine: ChatEngine, prompts, max_new_tokens: list[int]):
                     pieces[-1].append(next(iters[-1]))
                 except StopIteration:
                     break
-        gens.append(engine.stream(messages, temperature=0, max_new_tokens=max_new_tokens[i]))
+        gens.append(engine.stream(messages, max_new_tokens=max_new_tokens[i], **({"temperature": 0} | sampling)))
         iters.append(iter(gens[-1]))
         pieces.append([])
     for it, got in zip(iters, pieces, strict=True):
@@ -161,6 +161,35 @@ def test_quantized_layers_take_the_packed_batch(tiny_dir, bits):
     for messages, alone, gen in zip(prompts, solo, gens, strict=True):
         _assert_same_or_near_tie(chat, chat.encode_chat(messages), alone.token_ids, gen.reply.token_ids)
     engine.close()
+
+
+def test_a_seeded_request_samples_the_same_reply_alone_and_in_a_batch(tiny):
+    engine = ChatEngine(tiny, max_batch_size=8, max_batch_tokens=4096)
+    prompts = _prompts(4, ["hello", "world", "capital", "France"])
+    settings = {"temperature": 0.9, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.2, "seed": 7}
+    solo = [engine.chat(p, max_new_tokens=30, **settings) for p in prompts]
+    gens, _ = _run_staggered(engine, prompts, [30] * 4, **settings)
+    assert engine.load()["peak_batch"] == 4
+    assert [g.reply.token_ids for g in gens] == [r.token_ids for r in solo]
+    engine.close()
+
+
+@pytest.mark.parametrize("vocab", [4, 65024])
+def test_nucleus_sampling_draws_the_nucleus_renormalized(vocab):
+    import math
+
+    import torch
+
+    from catdog_glm.chat.sampling import Sampling, TokenSampler
+
+    logits = torch.full((vocab,), -40.0)
+    logits[:4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    sampler = TokenSampler(Sampling(temperature=1.0, top_p=0.8, seed=0), [0])
+    draws = [sampler(logits.clone()) for _ in range(4000)]
+    assert set(draws) == {0, 1}  # 0.5 + 0.3 covers 0.8: the rest never comes
+    assert math.isclose(draws.count(0) / len(draws), 0.5 / 0.8, abs_tol=0.03)
+    again = TokenSampler(Sampling(temperature=1.0, top_p=0.8, seed=0), [0])
+    assert [again(logits.clone()) for _ in range(50)] == draws[:50]  # a seed replays the same draws
 
 
 def test_admission_is_fifo_and_bounded_by_batch_size(tiny):
