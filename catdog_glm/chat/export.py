@@ -224,7 +224,7 @@ def export_chatglm3(
     started = time.perf_counter()
     source, out = Path(source).expanduser(), Path(out).expanduser()
     if dtype not in EXPORT_DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"the precision (--precision) must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size, option="--max-shard-size", minimum=2**20)
     if not source.is_dir():
         raise ModelError(f"{source} is not a folder; pass the ChatGLM3 folder (config.json, tokenizer.model, shards)")

@@ -64,7 +64,7 @@ def resolve_dtype(name: str, device):
     from catdog_glm.device import cpu_supports_bf16
 
     if name not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        raise ConfigError(f"the precision (--precision) must be one of {', '.join(DTYPES)}, got {name!r}")
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
