@@ -192,6 +192,20 @@ def test_nucleus_sampling_draws_the_nucleus_renormalized(vocab):
     assert [again(logits.clone()) for _ in range(50)] == draws[:50]  # a seed replays the same draws
 
 
+def test_models_without_the_attention_interface_run_one_request_per_forward(tiny):
+    packed = ChatEngine(tiny, max_batch_size=8, max_batch_tokens=4096)
+    prompts = _prompts(3, ["hello", "world", "France"])
+    solo = [packed.chat(p, temperature=0, max_new_tokens=20) for p in prompts]
+    packed.close()
+    engine = ChatEngine(tiny, max_batch_size=8, max_batch_tokens=4096)
+    engine._scheduler._packed = False  # what a remote-code model gets: its own forward and DynamicCache each
+    gens, _ = _run_staggered(engine, prompts, [20] * 3)
+    assert engine.load()["peak_batch"] == 3
+    for messages, alone, gen in zip(prompts, solo, gens, strict=True):
+        _assert_same_or_near_tie(tiny, tiny.encode_chat(messages), alone.token_ids, gen.reply.token_ids)
+    engine.close()
+
+
 def test_admission_is_fifo_and_bounded_by_batch_size(tiny):
     engine = ChatEngine(tiny, max_batch_size=1, max_batch_tokens=4096)
     finished: list[int] = []

@@ -20,7 +20,8 @@ own SDPA function, registered as an attention implementation. Per-request attent
 [batch, length] tensor with a mask) means a request's attention sees exactly the same tensors whatever else is in
 the batch, with no padding and no re-padding when requests join or leave; only the Linear layers' matrix
 products see a different number of rows, and BLAS kernels may round those differently for different row counts
-(measured: ~1e-6 relative in fp32), which can flip a greedy choice only where the two best logits nearly tie.
+(measured: differences of a few 1e-6 on fp32 values of size 1), which can flip a greedy choice only where the
+two best logits nearly tie.
 Models that do not support transformers' attention interface (remote code) are run one request per forward.
 """
 
