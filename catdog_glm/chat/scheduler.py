@@ -155,20 +155,25 @@ class PackedBatch:
 
 
 def _packed_attention(fallback, module, query, key, value, attention_mask, catdog_batch=None, **kwargs):
-    """Attention for a packed batch: each request's queries against its own cache, through transformers' SDPA.
-    Outside the scheduler (a plain forward or generate()) the model's original implementation runs."""
+    """Attention for a packed batch: each request's queries against its own cache, with torch's SDPA called as
+    transformers' SDPA attention calls it (same results, measured equal in fp32 and bf16) minus its per-call checks,
+    which cost more than the kernel at one query per request. Outside the scheduler (a plain forward or generate())
+    the model's original implementation runs."""
     if catdog_batch is None:
         return fallback(module, query, key, value, attention_mask, **kwargs)
     import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from torch.nn.functional import scaled_dot_product_attention
 
+    grouped = key.shape[1] != query.shape[1]
+    scale = kwargs.get("scaling")
     outputs = []
     for start, count, kv in catdog_batch.segments:
         k, v = kv.append(module.layer_idx, key[:, :, start : start + count], value[:, :, start : start + count])
         # a prefill (count > 1) starts from an empty cache, so SDPA's own causal flag is the right mask
-        out, _ = sdpa_attention_forward(module, query[:, :, start : start + count], k, v, None, **kwargs)
-        outputs.append(out)
-    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
+        q = query[:, :, start : start + count]
+        outputs.append(scaled_dot_product_attention(q, k, v, is_causal=count > 1, scale=scale, enable_gqa=grouped))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return out.transpose(1, 2), None  # [1, tokens, heads, head_dim], as attention implementations return
 
 
 def enable_packed_attention(model) -> bool:
