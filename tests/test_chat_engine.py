@@ -31,8 +31,8 @@ def test_embedded_model_answers_paris(engine):
 def test_gguf_conversion_is_cached(engine):
     from catdog_glm.chat.loading import cache_dir
 
-    [cached] = list((cache_dir() / "gguf").iterdir())
-    assert (cached / "model.safetensors").is_file()
+    # one entry per precision converted in this test session (other tests load the model in fp32)
+    assert any((cached / "model.safetensors").is_file() for cached in (cache_dir() / "gguf").iterdir())
     again = load_chat_model(None)
     assert again.load_seconds < engine.model.load_seconds / 2  # no second GGUF conversion
     assert (

@@ -5,16 +5,31 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 
 import httpx
 import pytest
 
-from catdog_glm.serve.net import port_is_free
 from tests.conftest import start_catdog
 
 pytestmark = pytest.mark.slow
+
+
+def _port_is_free(port: int) -> bool:
+    """Nothing listens and a new server could bind it (with SO_REUSEADDR, as uvicorn does: connections the old
+    server closed may sit in TIME_WAIT for a minute, which only a plain bind() minds)."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            return False
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _stop_and_check(proc, url: str, sig: int) -> None:
@@ -27,9 +42,9 @@ def _stop_and_check(proc, url: str, sig: int) -> None:
     assert not alive, f"still running after the signal: {[p.cmdline() for p in alive]}"
     port = int(url.rsplit(":", 1)[1])
     deadline = time.monotonic() + 10
-    while not port_is_free("127.0.0.1", port) and time.monotonic() < deadline:
+    while not _port_is_free(port) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert port_is_free("127.0.0.1", port)
+    assert _port_is_free(port)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
