@@ -122,52 +122,58 @@ def chat(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    interactive = sys.stdin.isatty()
-    if interactive:
-        err_console.print(HELP)
-    history: list[dict] = []
-    while True:
-        try:
-            line = input("\nYou: ") if interactive else sys.stdin.readline()
-        except EOFError:
-            break
-        if not interactive and line == "":
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/clear":
-            history.clear()
-            err_console.print("(conversation cleared)")
-            continue
-        if line.startswith("/system"):
-            system = line[len("/system") :].strip() or None
-            err_console.print(f"(system prompt {'set' if system else 'cleared'})")
-            continue
-        if line.startswith("/"):
-            err_console.print(f"unknown command {line.split()[0]}. {HELP}")
-            continue
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        messages.append({"role": "user", "content": line})
-        generation = engine.stream(messages, **sampling)
+    try:
+        interactive = sys.stdin.isatty()
         if interactive:
-            sys.stdout.write("Assistant: ")
-        try:
-            for piece in generation:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            generation.cancel()
-            err_console.print("\n(stopped)")
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        reply = generation.reply
-        if reply is None:
-            continue
-        if reply.truncated_messages:
-            err_console.print(
-                f"(the {reply.truncated_messages} oldest message(s) no longer fit the context window and were left out)"
-            )
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply.text}]
+            err_console.print(HELP)
+        history: list[dict] = []
+        while True:
+            try:
+                line = input("\nYou: ") if interactive else sys.stdin.readline()
+            except EOFError:
+                break
+            if not interactive and line == "":
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/exit", "/quit"):
+                break
+            if line == "/clear":
+                history.clear()
+                err_console.print("(conversation cleared)")
+                continue
+            if line.startswith("/system"):
+                system = line[len("/system") :].strip() or None
+                err_console.print(f"(system prompt {'set' if system else 'cleared'})")
+                continue
+            if line.startswith("/"):
+                err_console.print(f"unknown command {line.split()[0]}. {HELP}")
+                continue
+            messages = ([{"role": "system", "content": system}] if system else []) + history
+            messages.append({"role": "user", "content": line})
+            generation = engine.stream(messages, **sampling)
+            if interactive:
+                sys.stdout.write("Assistant: ")
+            try:
+                for piece in generation:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                generation.cancel()
+                err_console.print("\n(stopped)")
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            reply = generation.reply
+            if reply is None:
+                continue
+            if reply.truncated_messages:
+                err_console.print(
+                    f"(the {reply.truncated_messages} oldest message(s) no longer fit the context window "
+                    "and were left out)"
+                )
+            history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply.text}]
+    finally:
+        # stop the scheduler's thread before the interpreter exits: a model thread still alive at exit can
+        # abort the process in torch's thread pool teardown (seen as 'terminate called without an active exception')
+        engine.close()
