@@ -42,6 +42,10 @@ class ChatModel:
     info: dict = field(default_factory=dict)
 
     parameters: int = 0  # counted at load, before quantization turns weights into int buffers
+    # the model's tokenizer object (HF tokenizer, ChatGLM3Tokenizer, ...): constrained decoding reads its vocabulary
+    tokenizer: Any = None
+    encode_text: Callable[[str], list[int]] | None = None  # plain text -> ids, no chat template (/v1/completions)
+    tool_format: str | None = None  # how tools are written and parsed: "chatglm3" | "hermes" | None (no tools)
 
 
 def embedded_model_file() -> Path:
@@ -100,6 +104,8 @@ def _hf_adapter(tokenizer, model, name: str, source: str, kind: str) -> ChatMode
         decode=decode,
         stop_ids=stop,
         context_window=int(window),
+        tokenizer=tokenizer,
+        encode_text=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
     )
 
 
@@ -113,6 +119,9 @@ def _chatglm3_adapter(model, tokenizer, source: str) -> ChatModel:
         decode=tokenizer.decode,
         stop_ids=set(tokenizer.stop_ids),
         context_window=int(model.config.max_position_embeddings),
+        tokenizer=tokenizer,
+        encode_text=tokenizer.encode,
+        tool_format="chatglm3",
     )
 
 
