@@ -76,6 +76,8 @@ def test_every_option_has_help_text(command):
         (["export", "chat", "--model", ".", "--out", "x", "--precision", "int8"], "does not apply to an export"),
         (["train", "--data", ".", "--epochs", "0"], "--epochs must be at least 1"),
         (["eval", "--checkpoint", "/no/such.pt", "--data", "."], "does not exist"),
+        # square brackets in a value are printed as written, not eaten as rich markup
+        (["train", "--data", "/no/[such]/folder"], "/no/[such]/folder"),
         (["train", "--data", ".", "--device", "tpu"], "unknown device"),
     ],
 )

@@ -75,7 +75,10 @@ def legacy_precision(precision: str, *, amp: bool | None = None, dtype: str | No
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # the message is plain text: a path or value like "[gMASK]" must print as written, not as rich markup
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
