@@ -105,3 +105,22 @@ def test_sigterm_ends_running_and_queued_requests_cleanly():
     assert queued.get("status") in (503, None), queued
     if queued.get("status") == 503:
         assert queued["body"]["error"]["code"] == "shutting_down"
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_server_counts_as_free():
+    """`--port` is checked before the model loads: a port a server still listens on is taken, but one whose old
+    connections sit in TIME_WAIT after a restart is free, since uvicorn and Gradio bind with SO_REUSEADDR too."""
+    from catdog_glm.serve.net import port_is_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's listener
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert not port_is_free("127.0.0.1", port)
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server closes first: its side of the connection enters TIME_WAIT
+    client.close()
+    server.close()
+    assert port_is_free("127.0.0.1", port)

@@ -10,8 +10,10 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860  # loopback: exposing a server to
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """Whether a server could bind `host:port` now."""
+    """Whether a server could bind `host:port` now. With SO_REUSEADDR, as uvicorn and Gradio bind: a port whose
+    last connections sit in TIME_WAIT is free to them (on Linux a listening socket still makes it taken)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
