@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from catdog_glm.errors import ModelError
+from catdog_glm.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +52,32 @@ class ChatGLM3Tokenizer:
         """Text of the ids; special tokens never leak into it."""
         return self.sp.decode([i for i in ids if 0 <= i < self.n_pieces])
 
-    def build_prompt(self, messages: list[dict]) -> list[int]:
-        """`[gMASK] sop`, then `<|role|>` + encode(f"{metadata}\\n") + encode(content) per message, `<|assistant|>`."""
+    def build_prompt(
+        self, messages: list[dict], tools: list[dict] | None = None, continue_final: bool = False
+    ) -> list[int]:
+        """`[gMASK] sop`, then `<|role|>` + encode(f"{metadata}\\n") + encode(content) per message, `<|assistant|>`
+        (as THUDM's build_chat_input). `tools` (OpenAI tools) and tool turns (assistant `tool_calls`, `tool`
+        results) are written in ChatGLM3's protocol (chat/tools.py); a system message's `tools` follow its content as
+        json.dumps(indent=4). `continue_final`: the last message, the assistant's, is continued: no `<|assistant|>`."""
+        from catdog_glm.chat.tools import chatglm3_messages, has_tool_turns
+
+        if tools or has_tool_turns(messages):
+            messages = chatglm3_messages(messages, tools)
+        if continue_final and (not messages or messages[-1]["role"] != "assistant"):
+            raise ConfigError("only a conversation that ends with an assistant message can be continued")
         ids = [self.special["[gMASK]"], self.special["sop"]]
         for message in messages:
             role = message["role"]
             if role not in ROLES:
                 raise ModelError(f"unknown chat role {role!r}; use one of {', '.join(ROLES)}")
+            content = message["content"] or ""
+            if role == "system" and message.get("tools"):
+                content += "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
             ids.append(self.special[f"<|{role}|>"])
-            ids += self.encode(f"{message.get('metadata', '')}\n")
-            ids += self.encode(message["content"])
-        ids.append(self.special["<|assistant|>"])
+            ids += self.encode(f"{message.get('metadata') or ''}\n")
+            ids += self.encode(content)
+        if not continue_final:
+            ids.append(self.special["<|assistant|>"])
         return ids
 
 

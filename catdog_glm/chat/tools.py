@@ -186,10 +186,11 @@ def hermes_call_text(name: str, arguments: dict) -> str:
     return f'{CALL_OPEN}\n{{"name": "{name}", "arguments": {json.dumps(arguments, ensure_ascii=False)}}}\n{CALL_CLOSE}'
 
 
-def hermes_messages(messages: list[dict], tools: list[dict] | None = None) -> list[dict]:
+def hermes_messages(messages: list[dict], tools: list[dict] | None = None, default_system: str = "") -> list[dict]:
     """OpenAI messages -> plain {role, content} messages for a ChatML template that knows nothing of tools, written
     as Qwen2.5's template writes them: the tools block appended to the system message, calls as <tool_call> blocks in
-    the assistant's content, consecutive tool results as <tool_response> blocks in one user turn."""
+    the assistant's content, consecutive tool results as <tool_response> blocks in one user turn. Without a system
+    message, the tools follow `default_system` (the template's own, which Qwen2.5 keeps too) when there is one."""
     out: list[dict] = []
     rest = list(messages)
     if tools:
@@ -199,7 +200,7 @@ def hermes_messages(messages: list[dict], tools: list[dict] | None = None) -> li
             out.append({"role": "system", "content": _text(rest[0].get("content")) + "\n\n" + block})
             rest = rest[1:]
         else:
-            out.append({"role": "system", "content": block})
+            out.append({"role": "system", "content": f"{default_system}\n\n{block}" if default_system else block})
     for i, m in enumerate(rest):
         role, content = m["role"], _text(m.get("content"))
         if role in ("tool", "observation"):
