@@ -27,3 +27,162 @@ def test_fake_model_replies_its_script_greedy_and_streamed(fake):
     pieces = list(fake.stream(user("how are you?"), temperature=0))
     assert len(pieces) > 1 and "".join(pieces) == "Hello! You said: how are you?"
     assert fake.chat(user("reply: abcdef"), temperature=0, max_new_tokens=3).text == "abc"
+
+
+# ---- sampling options ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"frequency_penalty": 2.0}, "aaaxax"),  # 'a' loses its lead after 3 (10 - 3*2 < 5), 'x' after one
+        ({"presence_penalty": 6.0}, "axaaaa"),  # any 'a' at all costs 6: the second 'a' is beaten once by 'x'
+        ({"logit_bias": {ord("a"): -100.0}}, "xxxxxx"),
+        # over prompt + reply: 'a' is in the prompt, so 10 / 3 < 5 loses to 'x' at once; then 'x' is seen too
+        ({"repetition_penalty": 3.0}, "xaaaaa"),
+    ],
+)
+def test_penalties_and_bias_change_the_greedy_reply_as_specified(fake, options, expected):
+    reply = fake.chat(user("reply: aaaaaa"), temperature=0, **options)
+    assert reply.text == expected
+
+
+def test_logit_bias_can_force_a_token_until_the_length_limit(fake):
+    reply = fake.chat(user("reply: abc"), temperature=0, max_new_tokens=5, logit_bias={ord("x"): 6})
+    assert reply.text == "xxxxx" and reply.finish_reason == "length"
+
+
+def test_repetition_penalty_is_transformers_rule():
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from catdog_glm.chat.sampling import Sampling, TokenSampler
+
+    torch.manual_seed(0)
+    row = torch.randn(50) * 3
+    prompt, made = [1, 2, 3, 7], [7, 9, 11]
+    sampler = TokenSampler(Sampling(repetition_penalty=1.7, temperature=0), prompt)
+    sampler.adjust(row)  # the first call sets up its state from the prompt
+    for token in made:
+        sampler.observe(token)
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + made]), row[None].clone())[0]
+    assert torch.allclose(sampler.adjust(row), expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"top_p": float("inf")}, "top_p must be a finite number"),
+        ({"frequency_penalty": float("-inf")}, "frequency_penalty"),
+        ({"logit_bias": {5: float("nan")}}, r"logit_bias\[5\]"),
+        ({"logit_bias": {259: 1.0}}, "outside this model's vocabulary"),
+        ({"logit_bias": {-1: 1.0}}, "outside this model's vocabulary"),
+        ({"logit_bias": {"5": 1.0}}, "token id"),
+        ({"seed": 2**64}, "seed must be a 64-bit integer"),
+        ({"seed": 99999999999999999999999}, "seed must be a 64-bit integer"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temprature": 0.5}, "unknown sampling option"),
+    ],
+)
+def test_bad_sampling_options_are_one_line_config_errors(fake, options, message):
+    from catdog_glm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        fake.stream(user("hi"), **options)
+    assert "\n" not in str(caught.value)
+
+
+def test_seeds_across_the_64_bit_range_replay(fake):
+    for seed in (0, -1, 2**63, 2**64 - 1):
+        first = fake.chat(user("reply: a fairly long reply to sample from"), temperature=2.0, seed=seed)
+        again = fake.chat(user("reply: a fairly long reply to sample from"), temperature=2.0, seed=seed)
+        assert first.token_ids == again.token_ids
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (user("\ud800 hi"), "lone surrogate"),
+        ([{"role": "wizard", "content": "hi"}], "unknown role 'wizard'"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "'image_url'"),
+        ([], "no messages"),
+        ([{"role": "user", "content": None}], "needs a 'role' and a 'content'"),
+    ],
+)
+def test_bad_messages_are_config_errors(fake, messages, message):
+    from catdog_glm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        fake.stream(messages)
+
+
+def test_messages_keep_tool_keys_and_text_parts():
+    from catdog_glm.chat.engine import normalize_messages
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = normalize_messages(
+        [
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "42", "tool_call_id": "call_1", "name": "f"},
+        ]
+    )
+    assert messages == [
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "42", "tool_call_id": "call_1", "name": "f"},
+    ]
+
+
+# ---- logprobs -------------------------------------------------------------------------------------------------------
+def _expected_logprobs():
+    import math
+
+    # the fake's row: 10 on the scripted token, 5 on "x", 0 on the 257 others
+    total = math.log(math.exp(10) + math.exp(5) + 257)
+    return 10 - total, 5 - total
+
+
+def test_logprobs_cover_every_token_and_ride_with_their_text(fake):
+    import math
+
+    top, second = _expected_logprobs()
+    generation = fake.stream(user("reply: hé!"), temperature=0, logprobs=True, top_logprobs=2)
+    chunks = list(generation.iter_chunks())
+    reply = generation.reply
+    assert [c.text for c in chunks] == ["h", "é", "!"]
+    assert [[lp.bytes for lp in c.logprobs] for c in chunks] == [[[104]], [[0xC3], [0xA9]], [[33]]]
+    assert [lp.token for lp in reply.logprobs] == ["h", "\ufffd", "\ufffd", "!"]  # half characters
+    assert len(reply.logprobs) == reply.completion_tokens == 4
+    first = reply.logprobs[0]
+    assert math.isclose(first.logprob, top, abs_tol=1e-5)
+    assert [(t, b) for t, _, b in first.top] == [("h", [104]), ("x", [120])]
+    assert math.isclose(first.top[1][1], second, abs_tol=1e-5)
+
+
+def test_logprobs_of_tokens_held_by_a_stop_string_come_in_a_last_piece(fake):
+    generation = fake.stream(user("reply: hello world"), temperature=0, logprobs=True, stop=["wor"])
+    chunks = list(generation.iter_chunks())
+    assert "".join(c.text for c in chunks) == generation.reply.text == "hello "
+    assert chunks[-1].text == "" and [lp.token for lp in chunks[-1].logprobs] == ["w", "o", "r"]
+    assert [lp for c in chunks for lp in c.logprobs] == generation.reply.logprobs
+    assert all(c.top == [] for c in generation.reply.logprobs)
+
+
+def test_plain_requests_carry_no_logprobs_and_pieces_stay_strings(fake):
+    generation = fake.stream(user("reply: hé!"), temperature=0)
+    chunks = list(generation.iter_chunks())
+    assert generation.reply.logprobs is None and all(c.logprobs == [] for c in chunks)
+    assert list(fake.stream(user("reply: hé!"), temperature=0, logprobs=True)) == ["h", "é", "!"]
+
+
+def test_chunks_in_an_event_loop(fake):
+    import asyncio
+
+    async def read():
+        generation = fake.stream(user("reply: ok"), temperature=0, logprobs=True)
+        return [chunk async for chunk in generation.chunks()]
+
+    chunks = asyncio.run(read())
+    assert [(c.text, [lp.token for lp in c.logprobs]) for c in chunks] == [("o", ["o"]), ("k", ["k"])]

@@ -1,12 +1,39 @@
 """Constrained decoding: a grammar (JSON object, JSON schema, Lark, regex) turned into a token mask per step.
 
-(Stub: the interface other modules build on; compiled and applied by llguidance, filled in next.)
+llguidance (CPU, no dependencies) does the work: `compile(chat_model, constraint)` turns a `Constraint` into a
+checked grammar and a matcher over the model's vocabulary (cached per model and constraint), and each request gets
+its own copy of the matcher: before each token the scheduler asks it which tokens may come (`ConstraintState.allowed`,
+a bool mask the sampler applies as -inf), after it the token is consumed. Once the grammar is complete only a stop
+token may come, and the scheduler ends the reply at once.
+
+The vocabulary llguidance needs (each token's bytes) comes from the model's tokenizer: a fast Hugging Face tokenizer
+(`llguidance.hf.from_tokenizer`), ChatGLM3's SentencePiece tokenizer or any tokenizer with a `token_bytes()` method
+(tests' fake model), via `token_bytes()` and `all_special_ids`. The same table gives logprobs their token bytes.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from catdog_glm.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+KINDS = ("json_object", "json_schema", "lark", "regex")
+# JSON between tokens: at most this much whitespace (llguidance's default allows any amount, and a small model can
+# then fill the whole reply with newlines); enough for pretty-printed JSON several levels deep
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,48}"
+CACHE_SIZE = 64  # compiled constraints kept per model
+_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -16,3 +43,180 @@ class Constraint:
 
     kind: str
     spec: Any = None
+
+    def grammar(self) -> str:
+        """The llguidance grammar (not yet checked against a vocabulary); ConfigError for a malformed spec."""
+        from llguidance import LLMatcher
+
+        options = {"whitespace_pattern": JSON_WHITESPACE}
+        if self.kind == "json_object":
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=options)
+        if self.kind == "json_schema":
+            spec = self.spec
+            if isinstance(spec, str):
+                try:
+                    spec = json.loads(spec)
+                except ValueError as e:
+                    raise ConfigError(f"the JSON schema is not valid JSON: {e}") from e
+            if not isinstance(spec, (dict, bool)):
+                raise ConfigError("a JSON schema must be a JSON object")
+            try:
+                return LLMatcher.grammar_from_json_schema(spec, defaults=options)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"invalid JSON schema: {_first_line(e)}") from e
+        if self.kind in ("lark", "regex"):
+            if not isinstance(self.spec, str) or not self.spec:
+                raise ConfigError(f"a {self.kind} constraint needs its {self.kind} text")
+            if self.kind == "lark":
+                return LLMatcher.grammar_from_lark(self.spec)
+            return LLMatcher.grammar_from_regex(self.spec)
+        raise ConfigError(f"unknown constraint kind {self.kind!r}; use one of {', '.join(KINDS)}")
+
+    def key(self) -> str:
+        try:
+            spec = json.dumps(self.spec, sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"the {self.kind} constraint cannot be written as JSON: {e}") from e
+        return f"{self.kind}\0{spec}"
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class _BytesTokenizer:
+    """What llguidance's TokenizerWrapper reads, from a tokenizer with `token_bytes()` (and `all_special_ids`)."""
+
+    def __init__(self, tokenizer):
+        self.tokens = tokenizer.token_bytes()
+        self.eos_token_id = tokenizer.eos_token_id
+        self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
+        self.special_token_ids = list(getattr(tokenizer, "all_special_ids", ()))
+        self._encode = getattr(tokenizer, "encode_text", None) or tokenizer.encode
+
+    def __call__(self, text):
+        if not isinstance(text, str):
+            raise TypeError("text only")  # llguidance then passes str
+        return list(self._encode(text))
+
+
+def _model_cache(chat_model) -> dict:
+    return chat_model.__dict__.setdefault("_catdog_constraints", {})
+
+
+def vocabulary(chat_model):
+    """llguidance's tokenizer for this model (cached): every token's bytes, with the model's stop tokens as EOS.
+    ConfigError when the tokenizer cannot be read (a slow HF tokenizer without token_bytes())."""
+    import llguidance
+
+    stops = sorted(chat_model.stop_ids)
+    cache = _model_cache(chat_model)
+    with _lock:
+        entry = cache.get("vocabulary")
+        if entry is not None and entry[0] == stops:
+            return entry[1]
+    tokenizer = chat_model.tokenizer
+    eos = stops or None
+    if hasattr(tokenizer, "token_bytes"):
+        tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_BytesTokenizer(tokenizer)), eos_token=eos)
+    else:
+        import transformers
+
+        if not isinstance(tokenizer, transformers.PreTrainedTokenizerFast):
+            raise ConfigError(
+                f"constrained decoding and logprobs need a fast tokenizer; {chat_model.name} has "
+                f"{type(tokenizer).__name__}"
+            )
+        import llguidance.hf
+
+        tok = llguidance.hf.from_tokenizer(tokenizer, eos_token=eos)
+    with _lock:
+        cache["vocabulary"] = (stops, tok)
+    return tok
+
+
+def token_bytes_of(chat_model) -> Callable[[int], bytes]:
+    """id -> the token's bytes (special tokens: their name), for logprobs."""
+    tok = vocabulary(chat_model)
+    size = tok.vocab_size
+
+    def token_bytes(token: int) -> bytes:
+        return tok.decode_bytes([token]) if 0 <= token < size else b""
+
+    return token_bytes
+
+
+class CompiledConstraint:
+    """A constraint checked against one model's vocabulary; `start()` gives each request its own matcher."""
+
+    def __init__(self, tokenizer, grammar: str, constraint: Constraint):
+        from llguidance import LLMatcher
+
+        self.constraint, self.tokenizer = constraint, tokenizer
+        self._matcher = LLMatcher(tokenizer, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise ConfigError(f"invalid {constraint.kind} constraint: {_first_line(self._matcher.get_error())}")
+        self.eos = frozenset(tokenizer.eos_tokens)
+
+    def start(self) -> ConstraintState:
+        return ConstraintState(self._matcher.deep_copy(), self.tokenizer.vocab_size, self.eos, self.constraint.kind)
+
+
+def compile(chat_model, constraint: Constraint) -> CompiledConstraint:  # noqa: A001 - the word the design uses
+    """`constraint` compiled for `chat_model` (cached per model and constraint; a bad schema or grammar raises
+    ConfigError with llguidance's first line)."""
+    if not isinstance(constraint, Constraint):
+        raise ConfigError(f"a constraint must be a Constraint, got {type(constraint).__name__}")
+    key = constraint.key()
+    stops = tuple(sorted(chat_model.stop_ids))
+    cache = _model_cache(chat_model)
+    with _lock:
+        compiled_cache = cache.setdefault("compiled", OrderedDict())
+        hit = compiled_cache.get((key, stops))
+        if hit is not None:
+            compiled_cache.move_to_end((key, stops))
+            return hit
+    compiled = CompiledConstraint(vocabulary(chat_model), constraint.grammar(), constraint)
+    with _lock:
+        compiled_cache[(key, stops)] = compiled
+        while len(compiled_cache) > CACHE_SIZE:
+            compiled_cache.popitem(last=False)
+    return compiled
+
+
+class ConstraintState:
+    """One request's matcher: `allowed(row)` before a token, `consume(token)` after it."""
+
+    def __init__(self, matcher, vocab_size: int, eos: frozenset[int], kind: str):
+        self._matcher, self._size, self.eos, self.kind = matcher, vocab_size, eos, kind
+
+    def allowed(self, row: torch.Tensor) -> torch.Tensor | None:
+        """A bool mask over `row`'s vocabulary of the tokens that may come next; None when the matcher failed or
+        allows no token the model has (the request then ends)."""
+        import torch
+
+        bias = self._matcher.compute_logit_bias()  # one byte per token: 0 (not allowed) or 200
+        if self._matcher.is_error():
+            log.warning("constrained decoding stopped: %s", _first_line(self._matcher.get_error()))
+            return None
+        mask = torch.frombuffer(bytearray(bias), dtype=torch.uint8).bool()
+        width = row.shape[-1]
+        if width > mask.numel():  # padded vocabulary rows (ChatGLM3): never allowed
+            mask = torch.cat([mask, mask.new_zeros(width - mask.numel())])
+        mask = mask[:width].to(row.device)
+        if not bool(mask.any()):
+            log.warning("constrained decoding stopped: the grammar allows no token of this model")
+            return None
+        return mask
+
+    def is_end(self, token: int) -> bool:
+        """Whether `token` is one the matcher takes as the end of the reply."""
+        return token in self.eos
+
+    def consume(self, token: int) -> bool:
+        """Take the sampled token; False once the reply must end (the grammar is complete, or the matcher failed)."""
+        if not self._matcher.consume_token(token):
+            log.warning("constrained decoding stopped: %s", _first_line(self._matcher.get_error()))
+            return False
+        return not self._matcher.is_stopped()

@@ -1,9 +1,11 @@
-"""One chat engine for every front end: `chat()` for a whole reply, `stream()` for text pieces, `cancel()`.
+"""One chat engine for every front end: `chat()` for a whole reply, `stream()` for text pieces (`stream_text()` for a
+plain-text prompt, no chat template), `cancel()`.
 
 Every request goes through one scheduler (chat/scheduler.py) that owns the model and batches all active requests
 in each forward step; this module turns messages into prompt ids (reporting conversations cut to fit the context
 window), hands them to the scheduler and gives the caller a `Generation` to read: iterate it in a thread, or
-`async for` it when it was created inside an event loop (pieces then arrive through `call_soon_threadsafe`).
+`async for` it when it was created inside an event loop (pieces then arrive through `call_soon_threadsafe`);
+`chunks()` / `iter_chunks()` give `Piece`s that carry the pieces' token logprobs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
+from catdog_glm.chat.constrained import Constraint
 from catdog_glm.chat.loading import ChatModel
 from catdog_glm.chat.sampling import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -21,7 +24,7 @@ from catdog_glm.chat.sampling import (
     Sampling,
 )
 from catdog_glm.chat.scheduler import EngineClosedError, Reply, Request, Scheduler, default_limits
-from catdog_glm.chat.streaming import END, LoopInbox, ThreadInbox
+from catdog_glm.chat.streaming import END, LoopInbox, Piece, ThreadInbox, TokenLogprob
 from catdog_glm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -31,26 +34,66 @@ __all__ = [
     "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_P",
     "ChatEngine",
+    "Constraint",
     "EngineClosedError",
     "Generation",
+    "Piece",
     "Reply",
     "Sampling",
+    "TokenLogprob",
     "load_engine",
     "normalize_messages",
 ]
 
 
+ROLES = ("system", "user", "assistant", "tool", "observation")
+EXTRA_KEYS = ("tool_calls", "tool_call_id", "name", "metadata")  # kept as they are, for the prompt builders
+
+
+def _content(content, where: str) -> str:
+    """A message's text: a string, or OpenAI's content parts when all are text; lone surrogates are refused."""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ConfigError(f"{where} has a content part of type {kind!r}; only text parts are supported")
+            texts.append(part["text"])
+        content = "".join(texts)
+    text = str(content)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{where} is not valid text ({e.reason}: a lone surrogate {text[e.start]!r})") from None
+    return text
+
+
 def normalize_messages(history) -> list[dict]:
-    """ChatGLM3-style [{"role", "content"}] or the book's [[query, answer], ...] pairs -> messages."""
+    """ChatGLM3-style/OpenAI [{"role", "content", ...}] or the book's [[query, answer], ...] pairs -> messages.
+    Roles: system, user, assistant, tool, observation; an assistant message with `tool_calls` may have no content;
+    `tool_calls`, `tool_call_id`, `name` and `metadata` are kept."""
     messages: list[dict] = []
-    for item in history or []:
+    for n, item in enumerate(history or []):
         if isinstance(item, dict):
-            if "role" not in item or "content" not in item:
-                raise ConfigError("each message needs a 'role' and a 'content'")
-            messages.append({"role": str(item["role"]), "content": str(item["content"])})
+            role = item.get("role")
+            if role not in ROLES:
+                if "role" not in item:
+                    raise ConfigError("each message needs a 'role' and a 'content'")
+                raise ConfigError(f"message {n} has unknown role {role!r}; use one of {', '.join(ROLES)}")
+            content = item.get("content")
+            if content is None:
+                if not (role == "assistant" and item.get("tool_calls")):
+                    raise ConfigError("each message needs a 'role' and a 'content'")
+                content = ""
+            message = {"role": role, "content": _content(content, f"message {n}")}
+            message.update((k, item[k]) for k in EXTRA_KEYS if item.get(k) is not None)
+            messages.append(message)
         elif isinstance(item, (list, tuple)) and len(item) == 2:
             query, answer = item
-            messages += [{"role": "user", "content": str(query)}, {"role": "assistant", "content": str(answer)}]
+            messages += [
+                {"role": "user", "content": _content(query, f"history item {n}")},
+                {"role": "assistant", "content": _content(answer, f"history item {n}")},
+            ]
         else:
             raise ConfigError(f"cannot read history item {item!r}: use {{'role', 'content'}} or [query, answer]")
     return messages
@@ -83,31 +126,44 @@ class Generation:
         """Tokens generated so far (live)."""
         return len(self._request.generated)
 
-    def __iter__(self) -> Iterator[str]:
+    def iter_chunks(self) -> Iterator[Piece]:
+        """Pieces with their tokens' logprobs (empty unless the request asked), read from a thread; the last may
+        have text "" and carry leftover tokens."""
         inbox = self._request.inbox
         if not isinstance(inbox, ThreadInbox):
             raise TypeError("this generation was started inside an event loop: read it with `async for`")
         try:
             while (item := inbox.get()) is not END:
-                yield item
+                yield item if isinstance(item, Piece) else Piece(item)
             if self._request.error is not None:
                 raise self._request.error
         finally:
             if not self._request.finished:
                 self.cancel()  # the reader stopped early (break, Ctrl-C, closed page)
 
-    async def pieces(self) -> AsyncIterator[str]:
+    async def chunks(self) -> AsyncIterator[Piece]:
+        """`iter_chunks()` for code in the event loop that created the generation."""
         inbox = self._request.inbox
         if not isinstance(inbox, LoopInbox):
             raise TypeError("this generation was started outside an event loop: iterate it with `for`")
         try:
             while (item := await inbox.get()) is not END:
-                yield item
+                yield item if isinstance(item, Piece) else Piece(item)
             if self._request.error is not None:
                 raise self._request.error
         finally:
             if not self._request.finished:
                 self.cancel()  # a disconnect or timeout lands here: stop generating for nobody
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self.iter_chunks():
+            if piece.text:
+                yield piece.text
+
+    async def pieces(self) -> AsyncIterator[str]:
+        async for piece in self.chunks():
+            if piece.text:
+                yield piece.text
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self.pieces()
@@ -133,28 +189,50 @@ class ChatEngine:
         self._tokenizer_lock = threading.Lock()
 
     # ---- public API ---------------------------------------------------------------------------------------------
-    def stream(self, messages, **sampling) -> Generation:
-        """Queue a reply to `messages` and return at once; the scheduler starts it when the batch has room."""
-        s = Sampling(**sampling).validate()
+    def stream(
+        self,
+        messages,
+        *,
+        tools: list | None = None,
+        continue_final: bool = False,
+        constraint: Constraint | None = None,
+        **sampling,
+    ) -> Generation:
+        """Queue a reply to `messages` and return at once; the scheduler starts it when the batch has room.
+        `tools` (OpenAI function specs) go into the prompt in the model's tool format; `continue_final` continues
+        the last (assistant) message instead of starting a new one; `constraint` is a grammar the reply must match.
+        Anything wrong with the request raises ConfigError here, before it is queued."""
+        s = self._sampling(sampling)
         m = self.model
         budget = m.context_window - min(s.max_new_tokens, m.context_window // 2)
-        prompt, dropped = self.fit(normalize_messages(messages), budget)
-        limit = s.max_new_tokens
-        if s.max_length:
-            limit = min(limit, s.max_length - len(prompt))
-        limit = max(0, min(limit, m.context_window - len(prompt)))
-        try:
-            inbox = LoopInbox(asyncio.get_running_loop())
-        except RuntimeError:
-            inbox = ThreadInbox()
-        request = Request(
-            prompt, limit, s, stop_ids=m.stop_ids, decode=self._decode, inbox=inbox, truncated_messages=dropped
-        )
-        self._scheduler.submit(request)
-        return Generation(self._scheduler, request)
+        options = {"tools": tools, "continue_final": continue_final} if tools or continue_final else {}
+        prompt, dropped = self.fit(normalize_messages(messages), budget, **options)
+        return self._submit(prompt, s, constraint, dropped)
 
-    def chat(self, messages, **sampling) -> Reply:
-        generation = self.stream(messages, **sampling)
+    def stream_text(self, prompt: str, *, constraint: Constraint | None = None, **sampling) -> Generation:
+        """Queue a continuation of plain text `prompt` (no chat template: /v1/completions)."""
+        s = self._sampling(sampling)
+        m = self.model
+        if m.encode_text is None:
+            raise ConfigError(f"{m.name} has no plain-text encoder")
+        if not isinstance(prompt, str):
+            raise ConfigError(f"the prompt must be a string, got {type(prompt).__name__}")
+        text = _content(prompt, "the prompt")
+        with self._tokenizer_lock:
+            ids = list(m.encode_text(text))
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        budget = m.context_window - min(s.max_new_tokens, m.context_window // 2)
+        if len(ids) > budget:
+            raise ConfigError(
+                f"the prompt is {len(ids)} tokens, more than the {budget} the context window leaves; shorten it "
+                "or lower max_tokens"
+            )
+        return self._submit(ids, s, constraint, 0)
+
+    def chat(self, messages, **options) -> Reply:
+        """The whole reply (`options`: those of `stream()`)."""
+        generation = self.stream(messages, **options)
         generation.text()
         return generation.reply
 
@@ -184,19 +262,76 @@ class ChatEngine:
         self._scheduler.close(timeout=30.0 if wait else 0.0)
 
     # ---- internals ------------------------------------------------------------------------------------------------
+    def _sampling(self, options: dict) -> Sampling:
+        try:
+            sampling = Sampling(**options)
+        except TypeError as e:
+            raise ConfigError(f"unknown sampling option: {e}") from None
+        return sampling.validate(vocab_size=self._vocab_size())
+
+    def _vocab_size(self) -> int | None:
+        """Width of the model's logits rows (the ids logit_bias may name)."""
+        config = getattr(self.model.model, "config", None)
+        if config is not None and hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        size = getattr(config, "vocab_size", None)
+        if size is None:
+            tokenizer = self.model.tokenizer
+            size = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+        return int(size) if size else None
+
+    def _submit(self, prompt: list[int], s: Sampling, constraint: Constraint | None, dropped: int) -> Generation:
+        m = self.model
+        limit = s.max_new_tokens
+        if s.max_length:
+            limit = min(limit, s.max_length - len(prompt))
+        limit = max(0, min(limit, m.context_window - len(prompt)))
+        state = token_bytes = None
+        if constraint is not None or s.wants_logprobs:
+            from catdog_glm.chat import constrained
+
+            with self._tokenizer_lock:  # reading an HF tokenizer's vocabulary copies its Rust object
+                if constraint is not None:
+                    state = constrained.compile(m, constraint).start()
+                if s.wants_logprobs:
+                    token_bytes = constrained.token_bytes_of(m)
+        try:
+            inbox = LoopInbox(asyncio.get_running_loop())
+        except RuntimeError:
+            inbox = ThreadInbox()
+        request = Request(
+            prompt,
+            limit,
+            s,
+            stop_ids=m.stop_ids,
+            decode=self._decode,
+            inbox=inbox,
+            truncated_messages=dropped,
+            constraint=state,
+            token_bytes=token_bytes,
+        )
+        self._scheduler.submit(request)
+        return Generation(self._scheduler, request)
+
     def _decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
             return self.model.decode(ids)
 
-    def _encode(self, messages: list[dict]) -> list[int]:
+    def _encode(self, messages: list[dict], **options) -> list[int]:
         with self._tokenizer_lock:
-            return self.model.encode_chat(messages)
+            try:
+                return self.model.encode_chat(messages, **options)
+            except UnicodeError as e:
+                raise ConfigError(f"the conversation cannot be encoded: {e}") from None
 
-    def fit(self, messages: list[dict], budget: int) -> tuple[list[int], int]:
-        """Prompt ids within `budget` tokens: drop the oldest turns (never the system message). Returns ids, drops."""
+    def fit(self, messages: list[dict], budget: int, **options) -> tuple[list[int], int]:
+        """Prompt ids within `budget` tokens: drop the oldest turns (never the system message). Returns ids, drops.
+        `options` (tools, continue_final) go to the model's `encode_chat`."""
         messages = list(messages)
+        if not messages:
+            raise ConfigError("there are no messages to reply to")
         dropped = 0
-        ids = self._encode(messages)
+        ids = self._encode(messages, **options)
         while len(ids) > budget:
             removable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
             if not removable:
@@ -206,7 +341,7 @@ class ChatEngine:
                 )
             del messages[removable[0]]
             dropped += 1
-            ids = self._encode(messages)
+            ids = self._encode(messages, **options)
         if dropped:
             log.warning(
                 "conversation too long for the %d-token context: dropped the %d oldest message(s)",

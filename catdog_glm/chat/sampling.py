@@ -1,8 +1,17 @@
-"""Per-request sampling: each request in a batch keeps its own temperature, top-p, top-k, repetition penalty and
-random generator, so what it gets does not depend on who else is being served in the same step."""
+"""Per-request sampling: each request in a batch keeps its own temperature, top-p, top-k, penalties, logit bias,
+token mask and random generator, so what it gets does not depend on who else is being served in the same step.
+
+Why by hand and not transformers' logits processors: they take the whole [batch, sequence] of ids at every step and
+apply one setting to every row, where each row here has its own settings and keeps its own running state (the tokens
+it has seen, how often each came), updated in O(1) per token instead of rebuilding an id tensor per step. The
+repetition penalty is exactly `RepetitionPenaltyLogitsProcessor`'s rule (tested against it); transformers has no
+frequency/presence penalty (OpenAI's rule, as vLLM applies it); the nucleus draw is below.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,6 +25,20 @@ if TYPE_CHECKING:
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.8
 DEFAULT_MAX_NEW_TOKENS = 512
+MAX_TOP_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generator takes; negatives are used modulo 2**64
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -25,11 +48,24 @@ class Sampling:
     temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
     top_p: float = DEFAULT_TOP_P
     top_k: int = 0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = (
+        1.0  # ChatGLM3/HF style, over prompt + reply: divides positive logits, multiplies negative
+    )
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # OpenAI's penalties over the tokens generated so far: logit -= count * frequency + (count > 0) * presence
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: bool = False  # each completion token's logprob (and, with top_logprobs, the most likely alternatives)
+    top_logprobs: int = 0  # 0..20
 
-    def validate(self) -> Sampling:
+    def validate(self, vocab_size: int | None = None) -> Sampling:
+        """Check every field (NaN and infinities included); `vocab_size` bounds the logit_bias ids."""
+        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            _real(name, getattr(self, name))
+        for name in ("max_new_tokens", "top_k", "top_logprobs"):
+            _integer(name, getattr(self, name))
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -38,15 +74,40 @@ class Sampling:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.top_k < 0 or self.repetition_penalty <= 0:
             raise ConfigError("top_k must be >= 0 and repetition_penalty > 0")
-        if self.max_length is not None and self.max_length < 1:
+        if self.max_length is not None and _integer("max_length", self.max_length) < 1:
             raise ConfigError(f"max_length must be >= 1, got {self.max_length}")
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError("stop must be a list of non-empty strings")
+        if self.seed is not None and not SEED_RANGE[0] <= _integer("seed", self.seed) <= SEED_RANGE[1]:
+            raise ConfigError(f"seed must be a 64-bit integer (0 to 2**64 - 1), got {self.seed}")
+        if not isinstance(self.logprobs, bool):
+            raise ConfigError(f"logprobs must be true or false, got {self.logprobs!r}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ConfigError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+        if not isinstance(self.logit_bias, dict):
+            raise ConfigError("logit_bias must map token ids to numbers")
+        for token, bias in self.logit_bias.items():
+            _integer("a logit_bias key (a token id)", token)
+            _real(f"logit_bias[{token}]", bias)
+            if token < 0 or (vocab_size is not None and token >= vocab_size):
+                within = f" (0..{vocab_size - 1})" if vocab_size else ""
+                raise ConfigError(f"logit_bias has token id {token}, outside this model's vocabulary{within}")
         return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a penalty or bias changes the logits (and so, maybe, the greedy choice)."""
+        return bool(
+            self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty or self.logit_bias
+        )
 
 
 class TokenSampler:
@@ -57,19 +118,26 @@ class TokenSampler:
         self.s = sampling
         self._prompt = prompt
         self._seen: torch.Tensor | None = None  # tokens the repetition penalty applies to (prompt + reply)
+        self._counts: torch.Tensor | None = None  # how often each token came in the reply (frequency/presence)
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values) on the device
+        self._made: list[int] = []  # reply tokens observed before the count tensor existed
         self._generator: torch.Generator | None = None
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy without penalty: the batch takes one argmax over all such rows at once."""
-        return self.s.greedy and self.s.repetition_penalty == 1.0
+        """Greedy with nothing that changes the logits: the batch takes one argmax over all such rows at once."""
+        return self.s.greedy and not self.s.adjusts_logits
 
     def observe(self, token: int) -> None:
         if self._seen is not None:
             self._seen[token] = True
+        if self._counts is not None:
+            self._counts[token] += 1
+        elif self.s.frequency_penalty or self.s.presence_penalty:
+            self._made.append(token)
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """`logits`: this request's float32 row [vocab]; it may be modified in place."""
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """The row after the repetition penalty, frequency/presence penalties and logit bias (a new tensor)."""
         import torch
 
         s = self.s
@@ -79,11 +147,37 @@ class TokenSampler:
                 self._seen[torch.tensor(self._prompt, dtype=torch.long, device=logits.device)] = True
             penalized = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
             logits = torch.where(self._seen, penalized, logits)
+        if s.frequency_penalty or s.presence_penalty:
+            if self._counts is None:
+                self._counts = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+                for token in self._made:
+                    self._counts[token] += 1
+                self._made = []
+            logits = logits - self._counts * s.frequency_penalty - (self._counts > 0) * s.presence_penalty
+        if s.logit_bias:
+            if self._bias is None:
+                ids = torch.tensor(list(s.logit_bias), dtype=torch.long, device=logits.device)
+                values = torch.tensor(list(s.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                self._bias = ids, values
+            logits = logits.index_add(0, *self._bias)
+        return logits
+
+    def __call__(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
+        """`logits`: this request's float32 row [vocab]; `allowed`: a bool mask of the tokens a constraint allows
+        (at least one), or None."""
+        import torch
+
+        s = self.s
+        if s.adjusts_logits:
+            logits = self.adjust(logits)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         if s.greedy:
             return int(logits.argmax())
         if self._generator is None:
             self._generator = torch.Generator(device=logits.device)
-            self._generator.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
+            seed = s.seed % 2**64 if s.seed is not None else secrets.randbits(63)
+            self._generator.manual_seed(seed)
         logits = logits / s.temperature
         index = None  # candidates' token ids, when sampling among a few (most likely first)
         if s.top_k:

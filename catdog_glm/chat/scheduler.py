@@ -36,7 +36,7 @@ from functools import partial
 from typing import Any
 
 from catdog_glm.chat.sampling import Sampling, TokenSampler
-from catdog_glm.chat.streaming import END, IncrementalDetokenizer, StopStrings
+from catdog_glm.chat.streaming import END, IncrementalDetokenizer, Piece, StopStrings, TokenLogprob
 from catdog_glm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,16 @@ class Reply:
     completion_tokens: int
     truncated_messages: int = 0  # oldest turns dropped to fit the context window
     token_ids: list[int] = field(default_factory=list)  # the completion's ids, stop token excluded
+    logprobs: list[TokenLogprob] | None = None  # one per completion token, when the request asked for them
+
+
+LOGPROB_FLOOR = -9999.0  # what -inf logprobs are reported as (vLLM's convention; JSON has no infinity)
 
 
 class Request:
-    """One generation as the scheduler sees it. `inbox` receives text pieces, then END (after `reply`/`error`)."""
+    """One generation as the scheduler sees it. `inbox` receives text pieces (str; `Piece`s when the request wants
+    logprobs), then END (after `reply`/`error`). `constraint`: a ConstraintState (chat/constrained.py) whose mask
+    applies to every token; `token_bytes`: id -> bytes, needed for logprobs."""
 
     def __init__(
         self,
@@ -72,8 +78,12 @@ class Request:
         decode: Callable[[list[int]], str],
         inbox,
         truncated_messages: int = 0,
+        constraint=None,
+        token_bytes: Callable[[int], bytes] | None = None,
     ):
         self.prompt, self.limit, self.sampling, self.inbox = prompt, limit, sampling, inbox
+        self.constraint = constraint
+        self.token_bytes = token_bytes
         self.stop_ids = frozenset(stop_ids)
         self.truncated_messages = truncated_messages
         self.sampler = TokenSampler(sampling, prompt)
@@ -85,6 +95,13 @@ class Request:
         self.reply: Reply | None = None
         self.error: BaseException | None = None
         self.kv: Any = None  # SequenceKV (packed batches) or a DynamicCache (one request per forward)
+        self.wants_logprobs = sampling.wants_logprobs
+        if self.wants_logprobs and token_bytes is None:
+            raise ValueError("a request that wants logprobs needs token_bytes")
+        self.logprobs: list[TokenLogprob] | None = [] if self.wants_logprobs else None
+        self._unsent: list[TokenLogprob] = []  # logprobs of tokens whose text has not been sent yet
+        # rows that take the batch's shared argmax: greedy, no penalty or bias, no constraint
+        self.plain_greedy = self.sampler.plain_greedy and constraint is None
 
     @property
     def reserved(self) -> int:
@@ -98,8 +115,27 @@ class Request:
     def emit(self, piece: str) -> None:
         if piece:
             self.pieces.append(piece)
-            if not self.inbox.put(piece):
+            item: str | Piece = piece
+            if self.logprobs is not None:
+                item, self._unsent = Piece(piece, self._unsent), []
+            if not self.inbox.put(item):
                 self.cancelled = True  # the reader's event loop is gone
+
+    def add_logprob(self, token: int, logprobs) -> None:
+        """Record `token`'s logprob from this step's log_softmax row (and the top alternatives, if asked)."""
+
+        def entry(token: int, value: float) -> tuple[str, float, list[int]]:
+            raw = self.token_bytes(token)
+            return raw.decode("utf-8", errors="replace"), max(value, LOGPROB_FLOOR), list(raw)
+
+        top = []
+        if self.sampling.top_logprobs:
+            values, ids = logprobs.topk(self.sampling.top_logprobs)
+            top = [entry(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        text, value, raw = entry(token, float(logprobs[token]))
+        record = TokenLogprob(text, value, raw, top)
+        self.logprobs.append(record)
+        self._unsent.append(record)
 
     def finish(self, reason: str | None = None, error: BaseException | None = None) -> None:
         if self.finished:
@@ -117,7 +153,11 @@ class Request:
                 completion_tokens=len(self.generated),
                 truncated_messages=self.truncated_messages,
                 token_ids=list(self.generated),
+                logprobs=list(self.logprobs) if self.logprobs is not None else None,
             )
+            if self._unsent:  # tokens whose text was held back (a stop string) or never completed
+                self.inbox.put(Piece("", self._unsent))
+                self._unsent = []
         self.inbox.put(END)
 
 
@@ -374,32 +414,48 @@ class Scheduler:
             self._running = []
             return
         tokens: list[int | None] = [None] * len(batch)
-        plain = [i for i, r in enumerate(batch) if r.sampler.plain_greedy]
+        plain = [i for i, r in enumerate(batch) if r.plain_greedy]
         if plain:
             index = torch.tensor(plain, device=logits.device)
             for i, token in zip(plain, logits.index_select(0, index).argmax(-1).tolist(), strict=True):
                 tokens[i] = token
         for i, request in enumerate(batch):
             try:
-                token = tokens[i] if tokens[i] is not None else request.sampler(logits[i])
-                self._advance(request, token)
+                token = tokens[i]
+                # raw logprobs, before penalties, mask and temperature; only for requests that asked
+                logprobs = logits[i].log_softmax(-1) if request.wants_logprobs else None
+                if token is None:
+                    allowed = request.constraint.allowed(logits[i]) if request.constraint is not None else None
+                    if allowed is None and request.constraint is not None:
+                        request.emit(request.stops.flush())
+                        request.finish("stop")  # the matcher failed (logged): end with what matched so far
+                        continue
+                    token = request.sampler(logits[i], allowed)
+                self._advance(request, token, logprobs)
             except Exception as e:  # this request fails alone
                 log.exception("a request failed")
                 request.finish(error=e)
         self._running = [r for r in batch if not r.finished]
 
     @staticmethod
-    def _advance(request: Request, token: int) -> None:
-        if token in request.stop_ids:
+    def _advance(request: Request, token: int, logprobs=None) -> None:
+        constraint = request.constraint
+        if token in request.stop_ids or (constraint is not None and constraint.is_end(token)):
             request.emit(request.stops.flush())  # a held-back tail that never became a stop string
             request.finish("stop")
             return
         request.generated.append(token)
         request.sampler.observe(token)
+        if logprobs is not None:
+            request.add_logprob(token, logprobs)
         text = request.detokenizer.push(token)
         piece, stopped = request.stops.feed(text) if text else ("", False)
         request.emit(piece)
         if stopped:
+            request.finish("stop")
+        elif constraint is not None and not constraint.consume(token):
+            # the grammar is complete (only a stop token could follow) or the matcher failed: end here
+            request.emit(request.stops.flush())
             request.finish("stop")
         elif len(request.generated) >= request.limit:
             request.finish("length")

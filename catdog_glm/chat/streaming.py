@@ -4,6 +4,7 @@
   again at every token: constant work per token instead of quadratic, and never half of a UTF-8 character.
 - `StopStrings` finds stop strings across piece boundaries and holds back any tail that could start one, so a stop
   string is never emitted in part; its work per piece is bounded by the longest stop string.
+- `Piece` and `TokenLogprob`: for requests that asked for logprobs, each piece carries the tokens whose text it holds.
 - `ThreadInbox` and `LoopInbox` carry pieces from the scheduler's thread to a reader: a blocking queue for a plain
   thread, or one `loop.call_soon_threadsafe` per piece into an `asyncio.Queue` for async code; nothing polls.
 """
@@ -13,8 +14,30 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 END = object()  # the last item of every inbox: the reply (or error) is set before it is sent
+
+
+@dataclass
+class TokenLogprob:
+    """One completion token's log-probability under the model's raw distribution (log_softmax of its logits, before
+    penalties, masks and temperature: vLLM's default "raw" mode), and the `top` most likely tokens at that step as
+    (text, logprob, bytes). `token` is the token's own text (its bytes decoded with errors="replace")."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]] = field(default_factory=list)
+
+
+@dataclass
+class Piece:
+    """A piece of text and the tokens whose text is in it (tokens held back by a stop string or half a UTF-8
+    character ride with the next piece; the last piece may have text "" and carry the leftovers)."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class IncrementalDetokenizer:
