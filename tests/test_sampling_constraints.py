@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from catdog_glm.chat.engine import ChatEngine
+from catdog_glm.chat.engine import ChatEngine, Constraint
 from tests.fake_chat import fake_chat_model
 
 
@@ -186,3 +186,172 @@ def test_chunks_in_an_event_loop(fake):
 
     chunks = asyncio.run(read())
     assert [(c.text, [lp.token for lp in c.logprobs]) for c in chunks] == [("o", ["o"]), ("k", ["k"])]
+
+
+# ---- constrained decoding -------------------------------------------------------------------------------------------
+def test_json_object_cuts_a_reply_to_its_json(fake):
+    reply = fake.chat(
+        user('reply: {"a": [1, 2]} and some chatter'), temperature=0, constraint=Constraint("json_object")
+    )
+    assert reply.text == '{"a": [1, 2]}' and reply.finish_reason == "stop"
+    assert reply.completion_tokens == len(reply.text)  # ended as the grammar completed: no step for a stop token
+
+
+def test_masked_tokens_never_come_the_next_best_allowed_does(fake):
+    # '!' is not allowed after the letters: the second-best 'x' is; then the script's end: the stop token
+    reply = fake.chat(user("reply: 123-abc!"), temperature=0, constraint=Constraint("regex", r"[0-9]{3}-[a-z]+"))
+    assert reply.text == "123-abcx" and reply.finish_reason == "stop"
+    lark = Constraint("lark", 'start: "yes" | "no"')
+    assert fake.chat(user("reply: maybe"), temperature=0, constraint=lark).text == "no"
+
+
+def test_json_schema_replies_validate_even_when_the_model_wants_otherwise(fake):
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "green"]}, "n": {"type": "integer"}},
+        "required": ["colour", "n"],
+        "additionalProperties": False,
+    }
+    for temperature in (0, 1.0):
+        reply = fake.chat(
+            user('reply: {"colour": "blue", "n": 3.5}'),
+            temperature=temperature,
+            seed=1,
+            max_new_tokens=400,
+            constraint=Constraint("json_schema", schema),
+        )
+        value = json.loads(reply.text)
+        assert reply.finish_reason == "stop" and value["colour"] in ("red", "green") and isinstance(value["n"], int)
+        assert set(value) == {"colour", "n"}
+
+
+def test_constrained_and_plain_requests_share_a_batch(fake):
+    plain_alone = fake.chat(user("reply: plain text, not JSON"), temperature=0).text
+    gens = [
+        fake.stream(user('reply: {"k": true} tail'), temperature=0, constraint=Constraint("json_object")),
+        fake.stream(user("reply: plain text, not JSON"), temperature=0),
+        fake.stream(user("reply: 42"), temperature=0.5, seed=3, constraint=Constraint("regex", "[0-9]+")),
+    ]
+    texts = [g.text() for g in gens]
+    assert texts == ['{"k": true}', plain_alone, "42"]
+
+
+@pytest.mark.parametrize(
+    ("constraint", "message"),
+    [
+        (Constraint("json_schema", {"type": "nonsense"}), "invalid json_schema constraint"),
+        (Constraint("json_schema", "{not json"), "not valid JSON"),
+        (Constraint("json_schema", [1]), "must be a JSON object"),
+        (Constraint("lark", "start: foo("), "invalid lark constraint"),
+        (Constraint("regex", "a["), "invalid regex constraint"),
+        (Constraint("regex", ""), "needs its regex"),
+        (Constraint("yaml", "a: 1"), "unknown constraint kind 'yaml'"),
+    ],
+)
+def test_bad_constraints_are_one_line_config_errors(fake, constraint, message):
+    from catdog_glm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        fake.stream(user("hi"), constraint=constraint)
+    assert "\n" not in str(caught.value)
+
+
+def test_compiled_constraints_are_cached_per_model():
+    from catdog_glm.chat import constrained
+
+    one, two = fake_chat_model(), fake_chat_model()
+    schema = Constraint("json_schema", {"type": "object", "properties": {"a": {"type": "string"}}})
+    same = Constraint("json_schema", {"properties": {"a": {"type": "string"}}, "type": "object"})
+    assert constrained.compile(one, schema) is constrained.compile(one, same)
+    assert constrained.compile(two, schema) is not constrained.compile(one, schema)
+
+
+# ---- the tiny ChatGLM3 (SentencePiece vocabulary) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from catdog_glm.chat.loading import load_chat_model
+    from tests.chatglm_tiny import make_tiny_chatglm3
+
+    engine = ChatEngine(load_chat_model(str(make_tiny_chatglm3(tmp_path_factory.mktemp("tiny"))), dtype="fp32"))
+    yield engine
+    engine.close()
+
+
+def test_chatglm3_token_bytes_spell_its_pieces(tiny):
+    tokenizer = tiny.model.tokenizer
+    table = tokenizer.token_bytes()
+    assert len(table) == tokenizer.vocab_size
+    ids = tokenizer.encode("hello world 猫")
+    assert b"".join(table[i] for i in ids).decode() == " hello world 猫"  # SentencePiece's leading "▁" is a space
+    assert table[tokenizer.special["<|user|>"]] == b"<|user|>" and table[2] == b"</s>"
+
+
+def test_chatglm3_greedy_logprobs_are_the_top_choice_and_change_nothing(tiny):
+    question = user("hello world")
+    plain = tiny.chat(question, temperature=0, max_new_tokens=12)
+    reply = tiny.chat(question, temperature=0, max_new_tokens=12, logprobs=True, top_logprobs=3)
+    assert reply.token_ids == plain.token_ids and len(reply.logprobs) == reply.completion_tokens
+    for lp in reply.logprobs:
+        assert lp.logprob <= 0 and (lp.token, lp.logprob, lp.bytes) == lp.top[0] and len(lp.top) == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chatglm3_random_model_follows_json_schema_and_regex(tiny, seed):
+    import json
+    import re
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    reply = tiny.chat(
+        user("hello"), temperature=1.0, seed=seed, max_new_tokens=150, constraint=Constraint("json_schema", schema)
+    )
+    assert reply.finish_reason == "stop" and isinstance(json.loads(reply.text)["ok"], bool)
+    digits = tiny.chat(user("hello"), temperature=1.0, seed=seed, constraint=Constraint("regex", "[0-9]{3}"))
+    assert re.fullmatch(r"\s*[0-9]{3}", digits.text) and digits.finish_reason == "stop"
+
+
+# ---- the embedded SmolLM2 (a Hugging Face tokenizer) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol():
+    from catdog_glm.chat.loading import load_chat_model
+
+    engine = ChatEngine(load_chat_model(None, dtype="fp32"), max_batch_size=8, max_batch_tokens=8192)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.slow
+def test_smollm2_json_schema_reply_parses_and_validates(smol):
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 30},
+            "age": {"type": "integer"},
+            "colour": {"enum": ["black", "white", "ginger"]},
+        },
+        "required": ["name", "age", "colour"],
+        "additionalProperties": False,
+    }
+    question = user("Describe a cat as JSON with its name, age and colour.")
+    reply = smol.chat(question, temperature=0, max_new_tokens=60, constraint=Constraint("json_schema", schema))
+    value = json.loads(reply.text)
+    assert reply.finish_reason == "stop" and set(value) == {"name", "age", "colour"}
+    assert isinstance(value["name"], str) and len(value["name"]) <= 30 and isinstance(value["age"], int)
+    assert value["colour"] in ("black", "white", "ginger")
+    free = smol.chat(question, temperature=0, max_new_tokens=8)
+    assert not free.text.startswith("{")  # left alone, it would have opened a code fence: the mask did this
+
+
+@pytest.mark.slow
+def test_smollm2_logprobs_spell_the_reply(smol):
+    reply = smol.chat(user("What is the capital of France?"), temperature=0, max_new_tokens=12, logprobs=True)
+    assert len(reply.logprobs) == reply.completion_tokens
+    assert bytes(b for lp in reply.logprobs for b in lp.bytes).decode() == reply.text

@@ -36,6 +36,8 @@ EOS_ID = 2
 class ChatGLM3Tokenizer:
     """SentencePiece pieces, then the nine special tokens right after them (ids derived from the piece count)."""
 
+    eos_token_id = EOS_ID
+
     def __init__(self, model_file: str | Path):
         import sentencepiece as spm
 
@@ -51,6 +53,27 @@ class ChatGLM3Tokenizer:
     def decode(self, ids: list[int]) -> str:
         """Text of the ids; special tokens never leak into it."""
         return self.sp.decode([i for i in ids if 0 <= i < self.n_pieces])
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """SentencePiece's control and unknown pieces (<unk>, <s>, </s>) and the nine special tokens."""
+        sp = self.sp
+        pieces = [i for i in range(self.n_pieces) if sp.is_control(i) or sp.is_unknown(i)]
+        return pieces + sorted(self.special.values())
+
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes (for constrained decoding and logprobs): "▁" is a space, "<0xNN>" that byte; special
+        tokens: their names."""
+        sp, out = self.sp, []
+        for i in range(self.n_pieces):
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):
+                out.append(bytes([int(piece[3:5], 16)]))
+            elif sp.is_control(i) or sp.is_unknown(i):
+                out.append(piece.encode("utf-8"))
+            else:
+                out.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return out + [name.encode("utf-8") for name in SPECIAL_TOKENS]
 
     def build_prompt(
         self, messages: list[dict], tools: list[dict] | None = None, continue_final: bool = False

@@ -86,19 +86,36 @@ def _first_line(error) -> str:
 
 
 class _BytesTokenizer:
-    """What llguidance's TokenizerWrapper reads, from a tokenizer with `token_bytes()` (and `all_special_ids`)."""
+    """What llguidance's TokenizerWrapper reads, from a tokenizer with `token_bytes()` (and `all_special_ids`).
+    Text is tokenized greedily (longest token first) over those same bytes: llguidance tokenizes forced text with
+    it, and a tokenizer whose output disagrees with the table (SentencePiece adds a leading "▁") breaks its masks."""
 
     def __init__(self, tokenizer):
         self.tokens = tokenizer.token_bytes()
         self.eos_token_id = tokenizer.eos_token_id
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
         self.special_token_ids = list(getattr(tokenizer, "all_special_ids", ()))
-        self._encode = getattr(tokenizer, "encode_text", None) or tokenizer.encode
+        special = set(self.special_token_ids)
+        self._ids: dict[bytes, int] = {}
+        for i, piece in enumerate(self.tokens):
+            if piece and i not in special:
+                self._ids.setdefault(piece, i)
+        self._longest = max(map(len, self._ids), default=1)
 
     def __call__(self, text):
         if not isinstance(text, str):
             raise TypeError("text only")  # llguidance then passes str
-        return list(self._encode(text))
+        data, ids, at = text.encode("utf-8"), [], 0
+        while at < len(data):
+            for size in range(min(self._longest, len(data) - at), 0, -1):
+                token = self._ids.get(data[at : at + size])
+                if token is not None:
+                    ids.append(token)
+                    at += size
+                    break
+            else:
+                at += 1  # a byte no token spells: it cannot be generated anyway
+        return ids
 
 
 def _model_cache(chat_model) -> dict:
