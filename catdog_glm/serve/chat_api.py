@@ -1,9 +1,12 @@
-"""The chat HTTP API: the book's `POST /chat` contract and an OpenAI-compatible `/v1/chat/completions`.
+"""The chat HTTP API: the book's `POST /chat`, OpenAI's `/v1/chat/completions`, `/v1/completions` and `/v1/models`.
 
-Thin routes over one ChatEngine kept in `app.state`; bodies are parsed here (the book's client posts JSON with no
-Content-Type), validated, and every error has OpenAI's shape `{"error": {"message", "type", "param", "code"}}`
-with the real HTTP status. Generation runs on the engine's scheduler thread, never on the event loop; its pieces
-arrive here through one `call_soon_threadsafe` each.
+Thin routes over one ChatEngine kept in `app.state`: each reads like the spec (parse -> admit -> generate -> render).
+The wire types and their validation live in `openai_protocol.py`; `ChatService` owns the request slots, the
+sampling options and the wait for a generation (timeout, client disconnect); the envelope builders below are the one
+place that writes responses and stream chunks. Every error has OpenAI's shape `{"error": {"message", "type", "param",
+"code"}}` with the real HTTP status (FastAPI's own 404/405/422 handlers replaced), except on the book's `/chat`,
+which keeps its simple `{"error": "..."}`. A stream that fails after it started ends with an error event and
+`data: [DONE]`, never a cut connection. Generation runs on the engine's scheduler thread, never on the event loop.
 Only imported by the serve commands, so it may import FastAPI at module level.
 """
 
@@ -14,15 +17,41 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from catdog_glm.chat.constrained import Constraint
 from catdog_glm.chat.engine import ChatEngine, EngineClosedError, Generation, normalize_messages
 from catdog_glm.errors import CatdogError
+from catdog_glm.serve.openai_protocol import (
+    BookChatRequest,
+    BookChatResponse,
+    BookError,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    ParamError,
+)
 
 log = logging.getLogger(__name__)
+
+BOOK_PATH = "/chat"
+API_PREFIXES = ("/v1/", BOOK_PATH)
+DOCS_ASSETS = "/docs-assets"
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a smaller temperature samples as greedy
+LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
 
 
 @dataclass
@@ -31,7 +60,7 @@ class ApiLimits:
     max_messages: int = 64
     max_tokens: int = 2048  # the cap on max_tokens / max_new_tokens a client may ask for
     request_timeout_s: float = 300.0
-    max_waiting: int = 64  # requests generating or queued; beyond: 503 with Retry-After
+    max_waiting: int = 64  # generations running or queued; beyond: 503 with Retry-After
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
 
@@ -51,39 +80,105 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        body = {"error": self.message} if path == BOOK_PATH else self.body()
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def _number(body: dict, key: str, kind, default, *, low=None, high=None, low_open=False):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (kind is int and not float(value).is_integer())
-    ):
-        raise ApiError(400, f"'{key}' must be a {'an integer' if kind is int else 'number'}", param=key)
-    value = kind(value)
-    if low is not None and (value <= low if low_open else value < low):
-        raise ApiError(400, f"'{key}' must be {'>' if low_open else '>='} {low}, got {value}", param=key)
-    if high is not None and value > high:
-        raise ApiError(400, f"'{key}' must be <= {high}, got {value}", param=key)
-    return value
+def _error_kind(status: int) -> str:
+    return {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """Pydantic's first complaint as one line naming the parameter (OpenAI answers 400 for these, as vLLM does)."""
+    errors = exc.errors()
+    if not errors:
+        return ApiError(400, "invalid request")
+    first = errors[0]
+    loc = [p for p in first.get("loc", ()) if not _is_type_tag(p)]
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    error = (first.get("ctx") or {}).get("error")
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        return ApiError(400, f"the body is not valid JSON ({reason})")
+    if isinstance(error, ParamError):
+        return ApiError(400, str(error), param=error.param)
+    if not loc and kind in ("missing", "model_type", "model_attributes_type", "dict_type"):
+        return ApiError(400, "the body must be a JSON object")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if kind == "missing":
+        message = "is required"
+    return ApiError(400, f"'{where}': {message}" if where else message, param=str(loc[0]) if loc else None)
+
+
+def _is_type_tag(part) -> bool:
+    """pydantic puts the union member it tried into `loc` (str, list[ContentPart], NamedToolChoice, ...)."""
+    return isinstance(part, str) and (
+        "[" in part or "(" in part or part[:1].isupper() or part in ("str", "int", "float", "bool", "dict", "list")
+    )
+
+
+class BodyGuard:
+    """ASGI middleware for the API routes: a body over the limit -> 413 before any parsing, and the body is read as
+    JSON whatever its Content-Type (the book's client sends none, `curl -d` sends a form type)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope.get("method") != "POST" or not path.startswith(API_PREFIXES):
+            return await self.app(scope, receive, send)
+        too_big = ApiError(413, f"request body over {self.max_bytes:,} bytes", code="request_too_large")
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type",)]
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_big.response(path)(scope, receive, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await too_big.response(path)(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: the client's disconnect
+
+        scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
+        await self.app(scope, replay, send)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its reply was ready."""
 
 
 class ChatService:
-    """Validation, limits and the bounded queue around one engine; the routes below only translate."""
+    """Auth, request slots, sampling options and the wait for generations around one engine."""
 
     def __init__(self, engine: ChatEngine, limits: ApiLimits, model_id: str):
         self.engine, self.limits, self.model_id = engine, limits, model_id
-        self.active = 0  # requests generating or waiting for the engine (touched on the event loop only)
+        self.active = 0  # generations running or waiting for the engine (touched on the event loop only)
 
-    def check_auth(self, request: Request) -> None:
+    def check_auth(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         key = self.limits.api_key
-        if key and request.headers.get("authorization", "") != f"Bearer {key}":
+        if key and (credentials is None or credentials.credentials != key):
             raise ApiError(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer KEY'",
@@ -91,45 +186,19 @@ class ChatService:
                 code="invalid_api_key",
             )
 
-    async def read_json(self, request: Request) -> dict:
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > self.limits.max_body_bytes:
-            raise ApiError(413, f"request body over {self.limits.max_body_bytes:,} bytes")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.limits.max_body_bytes:
-                raise ApiError(413, f"request body over {self.limits.max_body_bytes:,} bytes")
-        try:
-            data = json.loads(body or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return data
-
-    def sampling(self, body: dict, *, tokens_key: str) -> dict:
-        temperature = _number(body, "temperature", float, None, low=0, high=2)
-        top_p = _number(body, "top_p", float, None, low=0, high=1, low_open=True)
-        max_new = _number(body, tokens_key, int, None, low=1, high=self.limits.max_tokens)
-        out = {"max_new_tokens": max_new or min(512, self.limits.max_tokens)}
-        if temperature is not None:
-            out["temperature"] = temperature
-        if top_p is not None:
-            out["top_p"] = top_p
-        return out
-
-    def check_messages(self, messages: list[dict]) -> None:
-        if len(messages) > self.limits.max_messages:
+    def check_model(self, requested: str | None) -> None:
+        if requested not in (None, "", self.model_id):
             raise ApiError(
-                400, f"too many messages ({len(messages)}); the limit is {self.limits.max_messages}", param="messages"
+                404,
+                f"model {requested!r} is not served here; this server has {self.model_id!r}",
+                param="model",
+                code="model_not_found",
             )
-        if not messages or not messages[-1]["content"].strip():
-            raise ApiError(400, "the last message is empty", param="messages")
 
-    def admit(self) -> None:
-        """Count a request in, or refuse it with 503 + Retry-After when the wait queue is full."""
-        if self.active >= self.limits.max_waiting:
+    # ---- the one place that counts request slots -----------------------------------------------------------------
+    def admit(self, n: int = 1) -> None:
+        """Count `n` generations in, or refuse them with 503 + Retry-After when the wait queue is full."""
+        if self.active + n > self.limits.max_waiting:
             raise ApiError(
                 503,
                 "the server is busy; retry shortly",
@@ -137,39 +206,79 @@ class ChatService:
                 code="overloaded",
                 headers={"Retry-After": "5"},
             )
-        self.active += 1
+        self.active += n
 
-    def start(self, messages, sampling) -> Generation:
+    def release(self, n: int = 1) -> None:
+        self.active -= n
+
+    # ---- options ------------------------------------------------------------------------------------------------
+    def sampling(self, req, *, tokens_param: str = "max_tokens") -> dict:
+        """Engine keyword arguments from a request; only what the client set (the engine keeps its defaults)."""
+        limit = req.token_limit
+        if limit is not None and limit > self.limits.max_tokens:
+            raise ApiError(
+                400, f"'{tokens_param}' must be <= {self.limits.max_tokens}, got {limit}", param=tokens_param
+            )
+        out: dict[str, Any] = {"max_new_tokens": limit or min(512, self.limits.max_tokens)}
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            if getattr(req, name, None) is not None:
+                out[name] = getattr(req, name)
+        if 0 < out.get("temperature", 1) < GREEDY_BELOW:
+            out["temperature"] = 0.0  # logits / 1e-195 overflow to inf (NaN probabilities): greedy, as vLLM does
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(req, name, 0):
+                out[name] = getattr(req, name)
+        if getattr(req, "stop", None):
+            out["stop"] = list(req.stop)
+        if getattr(req, "logit_bias", None):
+            out["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+        if req.seed is not None:
+            out["seed"] = req.seed % 2**64  # torch's generators take 0..2**64-1; a negative seed wraps as in torch
+        return out
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    def start(self, begin) -> Generation:
+        """Call `begin()` (engine.stream / stream_text): a bad request becomes 400, a closed engine 503."""
         try:
-            return self.engine.stream(messages, **sampling)
+            return begin()
         except CatdogError as e:
             raise ApiError(400, str(e)) from None
         except EngineClosedError:
             raise _shutting_down() from None
 
-    async def complete(self, messages, sampling) -> Generation:
-        """Run a whole generation, bounded by the request timeout."""
-        self.admit()
+    async def wait(self, gens: list[Generation], request: Request) -> None:
+        """Wait until every generation is done, bounded by the timeout; a client that leaves cancels them all."""
+        work = asyncio.ensure_future(asyncio.gather(*(_drain(g) for g in gens)))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            gen = self.start(messages, sampling)
-            try:
-                await asyncio.wait_for(_drain(gen), timeout=self.limits.request_timeout_s)
-            except TimeoutError:
-                gen.cancel()
-                raise ApiError(
-                    504,
-                    f"generation took longer than {self.limits.request_timeout_s:.0f} s",
-                    kind="server_error",
-                    code="timeout",
-                ) from None
-            except EngineClosedError:
-                raise _shutting_down() from None
-            except Exception as e:
-                log.exception("generation failed")
-                raise ApiError(500, f"generation failed: {e}", kind="server_error") from None
-            return gen
+            done, _ = await asyncio.wait(
+                {work, gone}, timeout=self.limits.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if work in done:
+                work.result()
+                return
+            if gone in done:
+                raise ClientGone
+            raise ApiError(
+                504,
+                f"generation took longer than {self.limits.request_timeout_s:.0f} s",
+                kind="server_error",
+                code="timeout",
+            )
+        except EngineClosedError:
+            raise _shutting_down() from None
+        except CatdogError as e:  # a request the engine could only refuse once it ran
+            raise ApiError(400, str(e)) from None
+        except (ApiError, ClientGone):
+            raise
+        except Exception as e:
+            log.exception("generation failed")
+            raise ApiError(500, f"generation failed: {e}", kind="server_error") from None
         finally:
-            self.active -= 1
+            gone.cancel()
+            work.cancel()
+            for g in gens:
+                g.cancel()  # no-op for finished ones; a timeout or a disconnect stops the rest
 
 
 def _shutting_down() -> ApiError:
@@ -179,81 +288,318 @@ def _shutting_down() -> ApiError:
 
 
 async def _drain(gen: Generation) -> None:
-    async for _ in gen.pieces():
+    async for _ in gen.chunks():
         pass
 
 
-def _messages_from(body: dict) -> list[dict]:
-    raw = body.get("messages")
-    if not isinstance(raw, list):
-        raise ApiError(400, "'messages' must be a list of {role, content} objects", param="messages")
-    out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, f"messages[{i}] needs a string 'role'", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI's content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", param="messages")
-        if m["role"] not in ("system", "user", "assistant", "observation", "developer"):
-            raise ApiError(400, f"messages[{i}] has unknown role {m['role']!r}", param="messages")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body was read already: the next message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---- messages -----------------------------------------------------------------------------------------------------
+def _engine_messages(req: ChatCompletionRequest, max_messages: int) -> tuple[list[dict], bool]:
+    """OpenAI messages -> the engine's dicts, and whether the last (assistant) message is continued (prefill)."""
+    if len(req.messages) > max_messages:
+        raise ApiError(400, f"too many messages ({len(req.messages)}); the limit is {max_messages}", param="messages")
+    out: list[dict] = []
+    call_names: dict[str, str] = {}
+    for i, m in enumerate(req.messages):
+        try:
+            content = m.text()
+        except ValueError as e:
+            raise ApiError(400, f"messages[{i}]: {e}", param="messages") from None
+        item: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.role == "assistant" and m.tool_calls:
+            item["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            call_names |= {c.id: c.function.name for c in m.tool_calls if c.id}
+        elif m.tool_calls is not None and m.role != "assistant":
+            raise ApiError(400, f"messages[{i}]: only assistant messages carry tool_calls", param="messages")
+        if m.role == "tool":
+            item["tool_call_id"] = m.tool_call_id
+            name = m.name or call_names.get(m.tool_call_id or "")
+            if name:
+                item["name"] = name
+            item["content"] = content or ""
+        elif m.name:
+            item["name"] = m.name
+        if content is None and not item.get("tool_calls"):
+            if m.role != "assistant":
+                raise ApiError(400, f"messages[{i}] ({m.role}) needs a 'content'", param="messages")
+            item["content"] = ""
+        out.append(item)
+    last = out[-1]
+    prefill = last["role"] == "assistant" and not last.get("tool_calls")
+    if last["role"] not in ("tool", "observation") and not (last.get("content") or "").strip():
+        raise ApiError(400, "the last message has no text", param="messages")
+    return out, prefill
+
+
+# ---- envelopes: the one place that writes responses and chunks ---------------------------------------------------
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _finish(reason: str, tool_calls: bool = False) -> str:
+    if tool_calls:
+        return "tool_calls"
+    return "length" if reason == "length" else "stop"
+
+
+def _lp(value: float) -> float:
+    return max(float(value), LOGPROB_FLOOR)
+
+
+def _chat_logprobs(tokens, top: int) -> dict:
+    """TokenLogprobs -> OpenAI's `choices[].logprobs` (content[]: token, logprob, bytes, top_logprobs[])."""
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": _lp(t.logprob),
+                "bytes": list(t.bytes),
+                "top_logprobs": [{"token": s, "logprob": _lp(v), "bytes": list(b)} for s, v, b in t.top[:top]],
+            }
+            for t in tokens
+        ],
+        "refusal": None,
+    }
+
+
+def _legacy_logprobs(tokens, top: int, offset: int) -> dict:
+    """TokenLogprobs -> the legacy completions shape (tokens, token_logprobs, top_logprobs, text_offset)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t in tokens:
+        out["tokens"].append(t.token)
+        out["token_logprobs"].append(_lp(t.logprob))
+        best = {s: _lp(v) for s, v, _ in t.top[:top]}
+        best.setdefault(t.token, _lp(t.logprob))
+        out["top_logprobs"].append(best)
+        out["text_offset"].append(offset)
+        offset += len(t.token)
     return out
+
+
+class Envelope:
+    """Response and chunk bodies for one request: id, created and model written once."""
+
+    def __init__(self, prefix: str, model: str):
+        self.id, self.created, self.model = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), model
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chat(self, choices: list[dict], usage: dict) -> dict:
+        return {**self.head("chat.completion"), "choices": choices, "usage": usage}
+
+    def chat_chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        return sse({**self.head("chat.completion.chunk"), "choices": [choice]})
+
+    def completion(self, choices: list[dict], usage: dict | None) -> dict:
+        return {**self.head("text_completion"), "choices": choices, "usage": usage}
+
+    def completion_chunk(self, index: int, text: str, finish: str | None = None, logprobs=None) -> str:
+        choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+        return sse({**self.head("text_completion"), "choices": [choice]})
+
+    def usage_chunk(self, obj: str, usage: dict) -> str:
+        return sse({**self.head(obj), "choices": [], "usage": usage})
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def sse_error(error: BaseException | ApiError) -> str:
+    if isinstance(error, ApiError):
+        return sse(error.body())
+    closing = isinstance(error, EngineClosedError)
+    bad = isinstance(error, CatdogError)
+    return sse(
+        {
+            "error": {
+                "message": str(error) or "generation failed",
+                "type": "invalid_request_error" if bad else "server_error",
+                "param": None,
+                "code": "shutting_down" if closing else None,
+            }
+        }
+    )
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = "data: [DONE]\n\n"
+
+
+async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, Piece) from several generations as they come, then (index, None) when each ends.
+    An error in any generation is raised here."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: Generation):
+        try:
+            async for piece in gen.chunks():
+                await queue.put((i, piece, None))
+            await queue.put((i, None, None))
+        except BaseException as e:  # handed to the reader, which ends the stream with an error event
+            await queue.put((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        left = len(gens)
+        while left:
+            i, piece, error = await queue.get()
+            if error is not None:
+                raise error
+            if piece is None:
+                left -= 1
+            yield i, piece
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+# ---- tools and response formats -----------------------------------------------------------------------------------
+def _tools_and_constraint(req: ChatCompletionRequest, tool_format: str | None) -> tuple[list | None, Any]:
+    """(tools for the prompt or None, Constraint or None) from tools / tool_choice / response_format."""
+    from catdog_glm.chat.tools import tool_constraint, validate_tools
+
+    tools = None
+    constraint = None
+    choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
+    if req.tools and choice != "none":
+        if tool_format is None:
+            raise ApiError(
+                400, "this model has no tool-calling format; send the request without 'tools'", param="tools"
+            )
+        try:
+            tools = validate_tools([t.model_dump(exclude_none=True) for t in req.tools])
+        except CatdogError as e:
+            raise ApiError(400, str(e), param="tools") from None
+        if isinstance(choice, dict) and choice["function"]["name"] not in {t["function"]["name"] for t in tools}:
+            raise ApiError(
+                400, f"tool_choice names {choice['function']['name']!r}, not among the tools", param="tool_choice"
+            )
+        try:
+            constraint = tool_constraint(tools, choice or "auto", tool_format, parallel=req.parallel_tool_calls)
+        except CatdogError as e:
+            raise ApiError(400, str(e), param="tool_choice") from None
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        if constraint is not None:
+            raise ApiError(400, "response_format cannot be combined with a forced tool_choice", param="response_format")
+        if fmt.type == "json_object":
+            constraint = Constraint("json_object")
+        else:
+            constraint = Constraint("json_schema", fmt.json_schema.schema_)
+    return tools, constraint
 
 
 def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id: str | None = None) -> FastAPI:
     limits = limits or ApiLimits()
     model_id = model_id or engine.model.name
-    app = FastAPI(title="catdog serve-chat", docs_url="/docs", openapi_url="/openapi.json")
+    app = FastAPI(
+        title="catdog serve-chat",
+        summary="The book's POST /chat and an OpenAI-compatible chat API over one local model.",
+        docs_url=None,
+        redoc_url=None,  # ReDoc's script comes only from a CDN; Swagger UI is served from a local wheel below
+        openapi_url="/openapi.json",
+    )
     service = ChatService(engine, limits, model_id)
     app.state.engine, app.state.service = engine, service
+    app.add_middleware(BodyGuard, max_bytes=limits.max_body_bytes)
     if limits.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=limits.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    _mount_docs(app)
+    _openapi_without_422(app)
+    bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when it has one")
+
+    def auth(credentials=Depends(bearer)) -> None:  # noqa: B008 - FastAPI's dependency idiom
+        service.check_auth(credentials)
 
     @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError):
-        return exc.response()
+    async def api_error(request: Request, exc: ApiError):
+        return exc.response(request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return _validation_error(exc).response(request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            detail = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            detail = f"method {request.method} is not allowed on {request.url.path}"
+        error = ApiError(exc.status_code, detail, kind=_error_kind(exc.status_code), headers=exc.headers)
+        return error.response(request.url.path)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_request: Request, _exc: ClientGone):
+        return JSONResponse({"error": "client closed the request"}, status_code=499)
+
+    errors = {
+        400: {"model": ErrorResponse},
+        401: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        413: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    }
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "active_requests": service.active, **engine.load()}
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        service.check_auth(request)
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "catdog"}]}
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth)], responses=errors)
+    async def models():
+        return {"object": "list", "data": [ModelCard(id=model_id).model_dump()]}
 
-    @app.post("/chat")
-    async def book_chat(request: Request):
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=[Depends(auth)], responses=errors)
+    async def model_card(model: str):
+        service.check_model(model or None)
+        return ModelCard(id=model_id).model_dump()
+
+    @app.post(
+        BOOK_PATH, response_model=BookChatResponse, dependencies=[Depends(auth)], responses={400: {"model": BookError}}
+    )
+    async def book_chat(body: BookChatRequest, request: Request):
         """The book's contract: {"query", "history" (list or "")} -> {"response", "history"}."""
-        service.check_auth(request)
-        body = await service.read_json(request)
-        query = body.get("query")
-        if not isinstance(query, str) or not query.strip():
-            raise ApiError(400, "'query' must be a non-empty string", param="query")
-        history = body.get("history") or []
-        if not isinstance(history, list):
-            raise ApiError(400, "'history' must be a list (or an empty string for none)", param="history")
         try:
-            messages = normalize_messages(history)
+            messages = normalize_messages(body.history or [])
         except CatdogError as e:
             raise ApiError(400, str(e), param="history") from None
-        messages.append({"role": "user", "content": query})
-        service.check_messages(messages)
-        sampling = service.sampling(body, tokens_key="max_new_tokens")
-        max_length = _number(body, "max_length", int, None, low=1)
-        if max_length:
-            sampling["max_length"] = max_length
-        gen = await service.complete(messages, sampling)
+        messages.append({"role": "user", "content": body.query})
+        if len(messages) > limits.max_messages:
+            raise ApiError(400, f"too many messages ({len(messages)}); the limit is {limits.max_messages}")
+        sampling = service.sampling(body, tokens_param="max_new_tokens")
+        if body.max_length:
+            sampling["max_length"] = body.max_length
+        service.admit()
+        try:
+            gen = service.start(lambda: engine.stream(messages, **sampling))
+            await service.wait([gen], request)
+        finally:
+            service.release()
         reply = gen.reply
-        history_out = [*messages, {"role": "assistant", "content": reply.text}]
+        if body.max_length and reply.prompt_tokens >= body.max_length:
+            raise ApiError(
+                400,
+                f"max_length {body.max_length} leaves no room: the prompt alone is {reply.prompt_tokens} tokens",
+                param="max_length",
+            )
         return JSONResponse(
             {
                 "response": reply.text,
-                "history": history_out,
+                "history": [*messages, {"role": "assistant", "content": reply.text}],
                 "status": 200,
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "truncated_messages": reply.truncated_messages,
@@ -261,134 +607,346 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
             headers=_truncation_header(reply),
         )
 
-    @app.post("/v1/chat/completions")
-    async def completions(request: Request):
-        service.check_auth(request)
-        body = await service.read_json(request)
-        requested = body.get("model")
-        if requested not in (None, "", model_id):
-            raise ApiError(
-                404,
-                f"model {requested!r} is not served here; this server has {model_id!r}",
-                param="model",
-                code="model_not_found",
-            )
-        if _number(body, "n", int, 1, low=1, high=1) != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        messages = _messages_from(body)
-        service.check_messages(messages)
-        tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        sampling = service.sampling(body, tokens_key=tokens_key)
-        stop = body.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and (
-            not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4
-        ):
-            raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
-        sampling["stop"] = stop or []
-        seed = _number(body, "seed", int, None)
-        if seed is not None:
-            sampling["seed"] = seed
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        if not body.get("stream"):
-            gen = await service.complete(messages, sampling)
-            reply = gen.reply
-            return JSONResponse(
-                {
-                    "id": completion_id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model_id,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": reply.text},
-                            "finish_reason": _finish(reply.finish_reason),
-                            "logprobs": None,
-                        }
-                    ],
-                    "usage": _usage(reply),
-                    "catdog": {"truncated_messages": reply.truncated_messages},
-                },
-                headers=_truncation_header(reply),
-            )
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        service.admit()
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        dependencies=[Depends(auth)],
+        responses={
+            **errors,
+            200: {
+                "description": "a chat.completion, or with stream: an SSE stream of chunks",
+                "content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()}},
+            },
+        },
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        service.check_model(body.model)
+        tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        messages, prefill = _engine_messages(body, limits.max_messages)
+        sampling = service.sampling(body, tokens_param=tokens_param)
+        tools, constraint = _tools_and_constraint(body, engine.model.tool_format)
+        if body.logprobs:
+            sampling |= {"logprobs": True, "top_logprobs": body.top_logprobs or 0}
+        extra: dict[str, Any] = {}
+        if tools:
+            extra["tools"] = tools
+        if prefill:
+            extra["continue_final"] = True
+        if constraint is not None:
+            extra["constraint"] = constraint
+        n = body.n
+        service.admit(n)
         try:
-            gen = service.start(messages, sampling)
-        except ApiError:
-            service.active -= 1
+            gens = _start_n(service, lambda s: engine.stream(messages, **extra, **s), sampling, n)
+        except BaseException:
+            service.release(n)
             raise
-
-        def chunk(delta: dict, finish=None, **extra) -> str:
-            payload = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-                **extra,
-            }
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        env = Envelope("chatcmpl", model_id)
+        parsers = [_parser(engine.model.tool_format, tools, body) for _ in range(n)]
+        if not body.stream:
+            try:
+                await service.wait(gens, request)
+            finally:
+                service.release(n)
+            choices = []
+            for i, (gen, parser) in enumerate(zip(gens, parsers, strict=True)):
+                reply = gen.reply
+                message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None}
+                if parser is not None:
+                    parser.feed(reply.text)
+                    parser.finish()
+                    message["content"] = parser.content
+                    if parser.tool_calls:
+                        message["tool_calls"] = parser.tool_calls
+                lp = _chat_logprobs(reply.logprobs or [], body.top_logprobs or 0) if body.logprobs else None
+                finish = _finish(reply.finish_reason, bool(parser and parser.tool_calls))
+                choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": lp})
+            replies = [g.reply for g in gens]
+            usage = _usage(replies[0].prompt_tokens, sum(r.completion_tokens for r in replies))
+            out = env.chat(choices, usage) | {"catdog": {"truncated_messages": replies[0].truncated_messages}}
+            return JSONResponse(out, headers=_truncation_header(replies[0]))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                for i in range(n):
+                    yield env.chat_chunk(i, {"role": "assistant", "content": ""})
                 deadline = time.monotonic() + limits.request_timeout_s
-                error: BaseException | None = None
-                try:
-                    async for piece in gen.pieces():
-                        yield chunk({"content": piece})
-                        if time.monotonic() > deadline:
-                            gen.cancel()
-                except Exception as e:  # ends the stream with an error event instead of a cut connection
-                    error = e
-                reply = gen.reply
-                if error is not None or reply is None:
-                    closing = isinstance(error, EngineClosedError)
-                    err = {
-                        "message": str(error or "generation failed"),
-                        "type": "server_error",
-                        "param": None,
-                        "code": "shutting_down" if closing else None,
-                    }
-                    yield f"data: {json.dumps({'error': err})}\n\n"
-                else:
-                    yield chunk({}, _finish(reply.finish_reason))
-                    if include_usage:
-                        payload = {
-                            "id": completion_id,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": model_id,
-                            "choices": [],
-                            "usage": _usage(reply),
-                        }
-                        yield f"data: {json.dumps(payload)}\n\n"
-                yield "data: [DONE]\n\n"
+                pending: list[list] = [[] for _ in range(n)]  # logprobs of tokens whose text a parser holds back
+                async for i, piece in _merged(gens):
+                    parser = parsers[i]
+                    if piece is None:
+                        deltas = _render_deltas(parser.finish()) if parser else []
+                        reply = gens[i].reply
+                        finish = _finish(reply.finish_reason, bool(parser and parser.tool_calls))
+                        lp_tokens = pending[i]
+                        for delta in deltas:
+                            yield env.chat_chunk(i, delta, logprobs=_maybe_lp(body, lp_tokens))
+                            lp_tokens = []
+                        yield env.chat_chunk(i, {}, finish, logprobs=_maybe_lp(body, lp_tokens) if lp_tokens else None)
+                        continue
+                    pending[i] += piece.logprobs or []
+                    if parser is None:
+                        deltas = [{"content": piece.text}] if piece.text else []
+                    else:
+                        deltas = _render_deltas(parser.feed(piece.text))
+                    for delta in deltas:
+                        yield env.chat_chunk(i, delta, logprobs=_maybe_lp(body, pending[i]))
+                        pending[i] = []
+                    if time.monotonic() > deadline:
+                        for g in gens:
+                            g.cancel()
+                if include_usage:
+                    replies = [g.reply for g in gens]
+                    usage = _usage(replies[0].prompt_tokens, sum(r.completion_tokens for r in replies))
+                    yield env.usage_chunk("chat.completion.chunk", usage)
+            except Exception as e:  # an error event closes the stream instead of a cut connection
+                if not isinstance(e, (EngineClosedError, CatdogError)):
+                    log.exception("streamed generation failed")
+                yield sse_error(e)
             finally:
-                gen.cancel()  # a client that went away stops its generation
-                service.active -= 1
+                for g in gens:
+                    g.cancel()  # a client that went away stops its generations
+                service.release(n)
+            yield DONE
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        dependencies=[Depends(auth)],
+        responses=errors,
+    )
+    async def completions(body: CompletionRequest, request: Request):
+        """Legacy text completion: no chat template; a list of prompts gives one choice each (times n)."""
+        service.check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        sampling = service.sampling(body)
+        if body.logprobs is not None:
+            if body.echo:
+                raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+            sampling |= {"logprobs": True, "top_logprobs": body.logprobs}
+        count = len(prompts) * body.n
+        if count > limits.max_waiting:
+            raise ApiError(400, f"{count} completions in one request; the limit is {limits.max_waiting}", param="n")
+        service.admit(count)
+        try:
+            gens = []
+            for p in prompts:
+                gens += _start_n(service, lambda s, p=p: engine.stream_text(p, **s), sampling, body.n)
+        except BaseException:
+            for g in gens:
+                g.cancel()
+            service.release(count)
+            raise
+        env = Envelope("cmpl", model_id)
+        prefix = [prompts[i // body.n] if body.echo else "" for i in range(count)]
+        if not body.stream:
+            try:
+                await service.wait(gens, request)
+            finally:
+                service.release(count)
+            choices = []
+            for i, gen in enumerate(gens):
+                reply = gen.reply
+                lp = None
+                if body.logprobs is not None:
+                    lp = _legacy_logprobs(reply.logprobs or [], body.logprobs, len(prefix[i]))
+                finish = _finish(reply.finish_reason)
+                choices.append({"index": i, "text": prefix[i] + reply.text, "finish_reason": finish, "logprobs": lp})
+            replies = [g.reply for g in gens]
+            usage = _usage(sum(r.prompt_tokens for r in replies[:: body.n]), sum(r.completion_tokens for r in replies))
+            return JSONResponse(env.completion(choices, usage))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events():
+            try:
+                offsets = [len(p) for p in prefix]
+                for i, text in enumerate(prefix):
+                    if text:
+                        yield env.completion_chunk(i, text)
+                async for i, piece in _merged(gens):
+                    if piece is None:
+                        yield env.completion_chunk(i, "", _finish(gens[i].reply.finish_reason))
+                        continue
+                    lp = None
+                    if body.logprobs is not None:
+                        lp = _legacy_logprobs(piece.logprobs or [], body.logprobs, offsets[i])
+                    offsets[i] += len(piece.text)
+                    if piece.text or lp:
+                        yield env.completion_chunk(i, piece.text, logprobs=lp)
+                if include_usage:
+                    replies = [g.reply for g in gens]
+                    usage = _usage(
+                        sum(r.prompt_tokens for r in replies[:: body.n]), sum(r.completion_tokens for r in replies)
+                    )
+                    yield env.usage_chunk("text_completion", usage)
+            except Exception as e:
+                if not isinstance(e, (EngineClosedError, CatdogError)):
+                    log.exception("streamed completion failed")
+                yield sse_error(e)
+            finally:
+                for g in gens:
+                    g.cancel()
+                service.release(count)
+            yield DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.api_route(
+        "/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], include_in_schema=False
+    )
+    async def unknown_v1(rest: str, request: Request):
+        """404/405 in OpenAI's shape here too: the chat page mounted at / would answer in its own shape, and its CORS
+        layer would answer a preflight with allow-credentials even while CORS is off."""
+        _not_found_or_not_allowed(app, request)
+
+    @app.api_route(BOOK_PATH, methods=["GET", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], include_in_schema=False)
+    async def book_other_methods(request: Request):
+        raise ApiError(
+            405, f"method {request.method} is not allowed on {BOOK_PATH}; POST a JSON body", headers={"Allow": "POST"}
         )
 
     return app
 
 
-def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+def _not_found_or_not_allowed(app: FastAPI, request: Request):
+    from starlette.routing import Match
+
+    allowed: set[str] = set()
+    for route in app.router.routes:
+        if getattr(route, "include_in_schema", False) and hasattr(route, "methods"):
+            match, _ = route.matches({**request.scope, "method": "__none__"})
+            if match != Match.NONE:
+                allowed |= set(route.methods)
+    if allowed:
+        raise ApiError(
+            405,
+            f"method {request.method} is not allowed on {request.url.path}",
+            headers={"Allow": ", ".join(sorted(allowed))},
+        )
+    raise ApiError(404, f"no route {request.method} {request.url.path}", kind="not_found_error")
 
 
-def _usage(reply) -> dict:
-    return {
-        "prompt_tokens": reply.prompt_tokens,
-        "completion_tokens": reply.completion_tokens,
-        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-    }
+def _start_n(service: ChatService, begin, sampling: dict, n: int) -> list[Generation]:
+    """n generations of one request; seeded ones use seed, seed+1, ... (so choices differ yet reproduce)."""
+    gens: list[Generation] = []
+    try:
+        for i in range(n):
+            s = dict(sampling)
+            if "seed" in s:
+                s["seed"] = (s["seed"] + i) % 2**64
+            gens.append(service.start(lambda s=s: begin(s)))
+    except BaseException:
+        for g in gens:
+            g.cancel()
+        raise
+    return gens
+
+
+def _parser(tool_format, tools, body: ChatCompletionRequest):
+    if not tools:
+        return None
+    from catdog_glm.chat.tools import ToolCallParser
+
+    return ToolCallParser(tool_format, tools, parallel=body.parallel_tool_calls)
+
+
+def _render_deltas(deltas) -> list[dict]:
+    """Parser deltas -> OpenAI stream deltas: content text, or a tool call (first: index, id, type, name)."""
+    out = []
+    for d in deltas:
+        if hasattr(d, "index"):
+            call: dict[str, Any] = {"index": d.index, "function": {"arguments": d.arguments}}
+            if d.id is not None:
+                call = {
+                    "index": d.index,
+                    "id": d.id,
+                    "type": "function",
+                    "function": {"name": d.name, "arguments": d.arguments},
+                }
+            out.append({"tool_calls": [call]})
+        elif d.text:
+            out.append({"content": d.text})
+    return out
+
+
+def _maybe_lp(body: ChatCompletionRequest, tokens) -> dict | None:
+    return _chat_logprobs(tokens, body.top_logprobs or 0) if body.logprobs else None
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI from the swagger-ui-bundle wheel (FastAPI's self-hosting recipe), so /docs works offline.
+    The wheel's Swagger UI (4.15) reads OpenAPI 3.0 only, so the page loads the schema written down to 3.0;
+    /openapi.json stays FastAPI's 3.1 for tools."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs/openapi-3.0.json", include_in_schema=False)
+    async def openapi_30():
+        return JSONResponse(_as_openapi_30(app.openapi()))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(
+            openapi_url="/docs/openapi-3.0.json",
+            title=f"{app.title} - API docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    """Validation errors are answered 400 in OpenAI's shape (ErrorResponse): drop FastAPI's 422 from the schema."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        doc = build()
+        for path in doc.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        return doc
+
+    app.openapi = openapi
+
+
+def _as_openapi_30(doc: dict) -> dict:
+    """FastAPI's OpenAPI 3.1 -> 3.0 for Swagger UI 4: `anyOf [X, null]` -> X + nullable, `const` -> enum,
+    `examples` -> example."""
+
+    def down(node):
+        if isinstance(node, list):
+            return [down(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        node = {k: down(v) for k, v in node.items()}
+        if "anyOf" in node:
+            kept = [x for x in node["anyOf"] if x != {"type": "null"}]
+            if len(kept) < len(node["anyOf"]):
+                node["nullable"] = True
+                if len(kept) == 1:
+                    del node["anyOf"]
+                    inner = kept[0]
+                    node = {**inner, **node} if "$ref" not in inner else {"allOf": [inner], **node}
+                else:
+                    node["anyOf"] = kept
+        if "const" in node:
+            node["enum"] = [node.pop("const")]
+        if isinstance(node.get("examples"), list) and "schema" not in node:
+            examples = node.pop("examples")
+            if examples:
+                node["example"] = examples[0]
+        return node
+
+    out = down({k: v for k, v in doc.items() if k != "openapi"})
+    return {"openapi": "3.0.3", **out}
 
 
 def _truncation_header(reply) -> dict:
