@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catdog_glm.chat.constrained import Constraint
 from catdog_glm.chat.engine import ChatEngine, EngineClosedError, Generation, normalize_messages
+from catdog_glm.chat.tools import ToolCallDelta, ToolCallParser, tool_constraint, validate_tools
 from catdog_glm.errors import CatdogError
 from catdog_glm.serve.openai_protocol import (
     BookChatRequest,
@@ -437,6 +438,23 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = "data: [DONE]\n\n"
 
 
+async def _primed(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Start the event generator before the response does: a started async generator that is dropped unfinished
+    (a client gone before the first byte) is closed by asyncio, so its `finally` frees the slots and cancels the
+    generations; one never started would just vanish."""
+    first = await events.__anext__()
+
+    async def rest():
+        try:
+            yield first
+            async for item in events:
+                yield item
+        finally:
+            await events.aclose()
+
+    return rest()
+
+
 async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
     """(choice index, Piece) from several generations as they come, then (index, None) when each ends.
     An error in any generation is raised here."""
@@ -468,8 +486,6 @@ async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
 # ---- tools and response formats -----------------------------------------------------------------------------------
 def _tools_and_constraint(req: ChatCompletionRequest, tool_format: str | None) -> tuple[list | None, Any]:
     """(tools for the prompt or None, Constraint or None) from tools / tool_choice / response_format."""
-    from catdog_glm.chat.tools import tool_constraint, validate_tools
-
     tools = None
     constraint = None
     choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
@@ -642,7 +658,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
             service.release(n)
             raise
         env = Envelope("chatcmpl", model_id)
-        parsers = [_parser(engine.model.tool_format, tools, body) for _ in range(n)]
+        parsers = [_parser(engine.model.tool_format, tools, body, prefill) for _ in range(n)]
         if not body.stream:
             try:
                 await service.wait(gens, request)
@@ -710,7 +726,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                 service.release(n)
             yield DONE
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(await _primed(events()), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post(
         "/v1/completions",
@@ -792,7 +808,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                 service.release(count)
             yield DONE
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(await _primed(events()), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.api_route(
         "/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], include_in_schema=False
@@ -845,19 +861,17 @@ def _start_n(service: ChatService, begin, sampling: dict, n: int) -> list[Genera
     return gens
 
 
-def _parser(tool_format, tools, body: ChatCompletionRequest):
+def _parser(tool_format, tools, body: ChatCompletionRequest, prefill: bool) -> ToolCallParser | None:
     if not tools:
         return None
-    from catdog_glm.chat.tools import ToolCallParser
-
-    return ToolCallParser(tool_format, tools, parallel=body.parallel_tool_calls)
+    return ToolCallParser(tool_format, tools, parallel=body.parallel_tool_calls, continued=prefill)
 
 
 def _render_deltas(deltas) -> list[dict]:
     """Parser deltas -> OpenAI stream deltas: content text, or a tool call (first: index, id, type, name)."""
     out = []
     for d in deltas:
-        if hasattr(d, "index"):
+        if isinstance(d, ToolCallDelta):
             call: dict[str, Any] = {"index": d.index, "function": {"arguments": d.arguments}}
             if d.id is not None:
                 call = {
