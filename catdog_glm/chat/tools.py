@@ -422,6 +422,8 @@ class ToolCallParser:
     # -- ChatGLM3 --------------------------------------------------------------------------------------------------
     def _glm_step(self, final: bool) -> list[Delta] | None:
         buf = self._buf
+        if self._state == "end":
+            return None
         if self._state == "meta":
             if "\n" not in buf:
                 head = buf.strip()
@@ -450,7 +452,7 @@ class ToolCallParser:
                 text, self._buf = buf[: len(buf) - keep], buf[len(buf) - keep :]
                 return self._content(text) if text else None
             text, self._buf = buf[:cut], buf[cut + len(GLM_TURN) :]
-            self._state, self._ws = "meta", ""
+            self._state = "meta"
             return self._content(text)
         if cut < 0 and not final:
             return None
@@ -480,7 +482,7 @@ class ToolCallParser:
                 return self._content(text) if text else None
             text, self._buf = buf[:cut], buf[cut + len(CALL_OPEN) :]
             out = self._content(text)
-            self._state, self._call, self._ws = "call", {}, ""
+            self._state, self._call = "call", {}
             return out
         if self._state != "call":
             return None
