@@ -71,7 +71,7 @@ def serve_chat(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
-    """Serve a chat model: a Gradio page at / plus POST /chat (the book's API) and OpenAI's /v1/chat/completions.
+    """Serve a chat model: a Gradio page at / plus POST /chat (the book's API) and OpenAI's /v1 API (chat, tools).
 
     Example: catdog serve-chat --port 7866   (then: curl http://127.0.0.1:7866/v1/models)
     """
@@ -133,7 +133,8 @@ def serve_chat(
     def ready(url: str) -> None:
         console.print(
             f"Chat page: [bold]{url}[/]\nAPI: POST {url}chat · POST {url}v1/chat/completions · "
-            f"GET {url}v1/models · docs {url}docs" + ("  (API key required)" if api_key else ""),
+            f"POST {url}v1/completions · GET {url}v1/models · docs {url}docs"
+            + ("  (API key required)" if api_key else ""),
             highlight=False,
         )
         console.print("Press Ctrl+C to stop.")
