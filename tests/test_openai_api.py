@@ -132,6 +132,17 @@ def test_errors_name_what_is_wrong(client):
     assert "999999" in r.json()["error"]["message"]
 
 
+def test_deep_or_huge_json_is_400_not_500(client):
+    deep = b'{"messages": [{"role": "user", "content": "hi", "tool_calls": ' + b"[" * 900 + b"1" + b"]" * 900 + b"}]}"
+    assert_openai_error(client.post("/v1/chat/completions", content=deep), 400, "messages")
+    deeper = b'{"metadata": ' + b"[" * 5000 + b"]" * 5000 + b', "messages": []}'
+    assert "JSON" in assert_openai_error(client.post("/v1/chat/completions", content=deeper), 400)["message"]
+    huge = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 5000 + b"}"
+    assert_openai_error(client.post("/v1/chat/completions", content=huge), 400)
+    bias = {"messages": HI, "logit_bias": {"9" * 5000: 1}}
+    assert_openai_error(client.post("/v1/chat/completions", json=bias), 400, "logit_bias")
+
+
 def test_unknown_and_ignored_fields_are_accepted(client):
     r = chat(client, user="me", store=True, metadata={"a": "b"}, service_tier="auto", some_extension=1)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi"

@@ -554,6 +554,8 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
             detail = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = "the body could not be read as JSON (nested too deeply, or a number too long?)"
         elif exc.status_code == 405:
             detail = f"method {request.method} is not allowed on {request.url.path}"
         error = ApiError(exc.status_code, detail, kind=_error_kind(exc.status_code), headers=exc.headers)

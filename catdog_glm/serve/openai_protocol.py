@@ -39,23 +39,26 @@ class ParamError(ValueError):
         self.param = param
 
 
-def _strings_are_utf8(value: Any, path: str = "") -> None:
-    """Raise ParamError naming the first string (or key) that UTF-8 cannot encode (lone surrogates)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            bad = value[e.start : e.end].encode("unicode_escape").decode()
-            param = path.split(".")[0].split("[")[0] or None
-            message = f"{path or 'a key'} holds {bad}, a lone surrogate that is not valid Unicode"
-            raise ParamError(message, param) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _strings_are_utf8(key, f"{path}.{key!r}" if path else "")
-            _strings_are_utf8(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _strings_are_utf8(item, f"{path}[{i}]")
+def _strings_are_utf8(value: Any) -> None:
+    """Raise ParamError naming the first string (or key) that UTF-8 cannot encode (lone surrogates). Iterative:
+    JSON nested a few hundred levels deep must not exhaust Python's recursion limit."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = item[e.start : e.end].encode("unicode_escape").decode()
+                param = path.split(".")[0].split("[")[0] or None
+                message = f"{path or 'a key'} holds {bad}, a lone surrogate that is not valid Unicode"
+                raise ParamError(message, param) from None
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                stack.append((child, f"{path}.{key}" if path else str(key)))
+                stack.append((key, path))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in reversed(list(enumerate(item))))
 
 
 class _Strict(BaseModel):
@@ -114,7 +117,7 @@ class _SamplingFields(_Request):
     def _bias_keys(cls, value):
         if value is not None:
             for key in value:
-                if not key.strip().lstrip("-").isdigit():
+                if len(key) > 12 or not key.strip().lstrip("-").isdigit():
                     raise ValueError(f"logit_bias keys must be token ids (integer strings), got {key!r}")
         return value
 
