@@ -117,7 +117,8 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if kind == "missing":
         message = "is required"
-    return ApiError(400, f"'{where}': {message}" if where else message, param=str(loc[0]) if loc else None)
+    message = " ".join((f"'{where}': {message}" if where else message).split())  # one line, whatever the keys
+    return ApiError(400, message, param=str(loc[0]) if loc else None)
 
 
 def _is_type_tag(part) -> bool:
