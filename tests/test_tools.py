@@ -462,3 +462,32 @@ def test_chatglm3_grammar_takes_the_prompt_format_and_only_allowed_calls(smol, l
     parser = ToolCallParser("chatglm3", TOOLS)
     run(parser, golden, 3)
     assert json.loads(parser.tool_calls[0]["function"]["arguments"]) == args
+
+
+# ---- through the engine: grammar, mask, decode and parser together --------------------------------------------------
+def test_tiny_chatglm3_forced_calls_come_back_as_tool_calls(tmp_path):
+    from catdog_glm.chat.engine import ChatEngine
+
+    folder = make_tiny_chatglm3(tmp_path / "glm", "safetensors", shards=1, seq_length=2048)  # room for the tools
+    chat = load_chat_model(str(folder), dtype="fp32")
+    engine = ChatEngine(chat, max_batch_size=2, max_batch_tokens=8192)
+    # argument-free functions: random weights, yet every path the grammar leaves ends in a complete call
+    tools = validate_tools([NOW, {"type": "function", "function": {"name": "today"}}, WEATHER])
+    messages = [{"role": "user", "content": "What is the time?"}]
+    try:
+        for choice, names in (
+            ("required", {"now", "today"}),
+            ({"type": "function", "function": {"name": "now"}}, {"now"}),
+        ):
+            constraint = tool_constraint(tools[:2] if choice == "required" else tools, choice, chat.tool_format)
+            reply = engine.chat(
+                messages, tools=tools, constraint=constraint, temperature=0.7, seed=1, max_new_tokens=40
+            )
+            parser = ToolCallParser(chat.tool_format, tools)
+            parser.feed(reply.text)
+            parser.finish()
+            assert reply.finish_reason == "stop" and parser.content is None, reply.text
+            assert len(parser.tool_calls) == 1 and parser.tool_calls[0]["function"]["arguments"] == "{}"
+            assert parser.tool_calls[0]["function"]["name"] in names
+    finally:
+        engine.close()
