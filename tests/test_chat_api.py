@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -58,6 +60,11 @@ def test_requests_that_run_too_long_are_stopped(engine, monkeypatch):
         json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 200, "temperature": 1.0},
     )
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert client.get("/health").json()["active_requests"] == 0
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 200, "temperature": 1.0, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"
     assert client.get("/health").json()["active_requests"] == 0
 
 

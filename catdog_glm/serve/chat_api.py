@@ -261,12 +261,7 @@ class ChatService:
                 return
             if gone in done:
                 raise ClientGone
-            raise ApiError(
-                504,
-                f"generation took longer than {self.limits.request_timeout_s:.0f} s",
-                kind="server_error",
-                code="timeout",
-            )
+            raise _timed_out(self.limits.request_timeout_s)
         except EngineClosedError:
             raise _shutting_down() from None
         except CatdogError as e:  # a request the engine could only refuse once it ran
@@ -281,6 +276,10 @@ class ChatService:
             work.cancel()
             for g in gens:
                 g.cancel()  # no-op for finished ones; a timeout or a disconnect stops the rest
+
+
+def _timed_out(seconds: float) -> ApiError:
+    return ApiError(504, f"generation took longer than {seconds:.0f} s", kind="server_error", code="timeout")
 
 
 def _shutting_down() -> ApiError:
@@ -456,24 +455,29 @@ async def _primed(events: AsyncIterator[str]) -> AsyncIterator[str]:
     return rest()
 
 
-async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
+async def _merged(gens: list[Generation], timeout_s: float) -> AsyncIterator[tuple[int, Any]]:
     """(choice index, Piece) from several generations as they come, then (index, None) when each ends.
-    An error in any generation is raised here."""
+    An error in any generation is raised here; so is a 504 once `timeout_s` has passed."""
     queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
 
     async def pump(i: int, gen: Generation):
         try:
             async for piece in gen.chunks():
                 await queue.put((i, piece, None))
             await queue.put((i, None, None))
-        except BaseException as e:  # handed to the reader, which ends the stream with an error event
+        except Exception as e:  # handed to the reader, which ends the stream with an error event
             await queue.put((i, None, e))
 
     tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
     try:
         left = len(gens)
         while left:
-            i, piece, error = await queue.get()
+            try:
+                i, piece, error = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise _timed_out(timeout_s) from None
             if error is not None:
                 raise error
             if piece is None:
@@ -690,9 +694,8 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
             try:
                 for i in range(n):
                     yield env.chat_chunk(i, {"role": "assistant", "content": ""})
-                deadline = time.monotonic() + limits.request_timeout_s
                 pending: list[list] = [[] for _ in range(n)]  # logprobs of tokens whose text a parser holds back
-                async for i, piece in _merged(gens):
+                async for i, piece in _merged(gens, limits.request_timeout_s):
                     parser = parsers[i]
                     if piece is None:
                         deltas = _render_deltas(parser.finish()) if parser else []
@@ -712,9 +715,6 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                     for delta in deltas:
                         yield env.chat_chunk(i, delta, logprobs=_maybe_lp(body, pending[i]))
                         pending[i] = []
-                    if time.monotonic() > deadline:
-                        for g in gens:
-                            g.cancel()
                 if include_usage:
                     replies = [g.reply for g in gens]
                     usage = _usage(replies[0].prompt_tokens, sum(r.completion_tokens for r in replies))
@@ -785,7 +785,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                 for i, text in enumerate(prefix):
                     if text:
                         yield env.completion_chunk(i, text)
-                async for i, piece in _merged(gens):
+                async for i, piece in _merged(gens, limits.request_timeout_s):
                     if piece is None:
                         yield env.completion_chunk(i, "", _finish(gens[i].reply.finish_reason))
                         continue
