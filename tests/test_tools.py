@@ -9,6 +9,8 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from catdog_glm.chat.chatglm3 import ChatGLM3Tokenizer
 from catdog_glm.chat.loading import _chatglm3_adapter, _hf_adapter, hf_tool_style, load_chat_model
@@ -171,6 +173,36 @@ def test_no_tool_format_is_plain_passthrough():
     parser = ToolCallParser(None, TOOLS)
     text = '  <tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n'
     assert joined(run(parser, text, 3))[0] == parser.content == text and parser.tool_calls == []
+
+
+FRAGMENTS = [
+    "<tool_call>", "</tool_call>", "<tool", "\n", " ", "Hi", '{"name": "now", "arguments": {}}',
+    '{"name": "get_current_weather", "arguments": {"location": "P}"}}', '{"name": "x"', "}", "<|assistant|>", "now\n",
+    "get_current_weather\n", "```python\ntool_call(location='Oslo')\n```", "tool_call(", "interpreter\n", "好",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["hermes", "chatglm3"]),
+    st.lists(st.sampled_from(FRAGMENTS), max_size=12),
+    st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=8),
+)
+def test_parsing_does_not_depend_on_how_the_text_is_split(tool_format, fragments, steps):
+    text = "".join(fragments)
+    whole = ToolCallParser(tool_format, TOOLS)
+    whole_deltas = whole.feed(text) + whole.finish()
+    split, deltas, at = ToolCallParser(tool_format, TOOLS), [], 0
+    for n in steps * (len(text) // max(1, sum(steps)) + 1):
+        deltas += split.feed(text[at : at + n])
+        at += n
+    deltas += split.finish()
+    for parser, got in ((whole, whole_deltas), (split, deltas)):
+        content, arguments = joined(got)
+        assert content == (parser.content or "")
+        assert [c["function"]["arguments"] for c in parser.tool_calls] == [arguments[i] for i in sorted(arguments)]
+    assert split.content == whole.content
+    assert [c["function"] for c in split.tool_calls] == [c["function"] for c in whole.tool_calls]
 
 
 # ---- the ChatGLM3 parser -------------------------------------------------------------------------------------------

@@ -425,14 +425,16 @@ class ToolCallParser:
         if self._state == "end":
             return None
         if self._state == "meta":
-            if "\n" not in buf:
-                head = buf.strip()
-                maybe_name = len(buf) <= 80 and re.fullmatch(r"[a-zA-Z0-9_-]*", head)
-                if final or not maybe_name:  # no metadata line: the whole turn is content
+            line, newline, rest = buf.partition("\n")
+            if len(line) > 80 or not re.fullmatch(r"[a-zA-Z0-9_-]*", line.strip()):
+                self._state = "content"  # not a metadata line: the whole turn is content
+                return []
+            if not newline:
+                if final:
                     self._state = "content"
                     return []
                 return None
-            meta, self._buf = buf.split("\n", 1)
+            meta, self._buf = line, rest
             self._meta = meta.strip()
             if not self._meta:
                 self._state, self._lstrip = "content", True
@@ -488,7 +490,7 @@ class ToolCallParser:
             return None
         call = self._call
         cut = buf.find(CALL_CLOSE)
-        if not call and (m := _HERMES_HEAD.match(buf)):
+        if not call and (m := _HERMES_HEAD.match(buf)) and m.end() < len(buf):  # the arguments have begun
             try:
                 name = json.loads(f'"{m.group(1)}"')
             except json.JSONDecodeError:
