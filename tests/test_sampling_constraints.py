@@ -355,3 +355,66 @@ def test_smollm2_logprobs_spell_the_reply(smol):
     reply = smol.chat(user("What is the capital of France?"), temperature=0, max_new_tokens=12, logprobs=True)
     assert len(reply.logprobs) == reply.completion_tokens
     assert bytes(b for lp in reply.logprobs for b in lp.bytes).decode() == reply.text
+
+
+# ---- tools, prefill and plain-text prompts ---------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+def test_tools_and_continue_final_reach_the_prompt():
+    def script(prompt: str) -> str:
+        if prompt.endswith("<|im_start|>assistant\nThe answer is"):
+            return " 42"
+        return "tools: weather" if '"name": "weather"' in prompt else "no tools"
+
+    engine = ChatEngine(fake_chat_model(script), max_batch_size=4, max_batch_tokens=65536)
+    try:
+        assert engine.chat(user("hi"), temperature=0).text == "no tools"
+        assert engine.chat(user("hi"), tools=[WEATHER], temperature=0).text == "tools: weather"
+        prefill = [*user("what is 6 x 7?"), {"role": "assistant", "content": "The answer is"}]
+        assert engine.chat(prefill, continue_final=True, temperature=0).text == " 42"
+        assert engine.chat(prefill, temperature=0).text == "no tools"  # closed and answered anew
+    finally:
+        engine.close()
+
+
+def test_history_with_tool_turns_is_cut_to_fit_and_keeps_its_last_turn():
+    engine = ChatEngine(fake_chat_model(context_window=1000), max_batch_size=4, max_batch_tokens=65536)
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    history = [{"role": "system", "content": "be brief"}]
+    for i in range(8):
+        history += [*user(f"weather {i}? " * 5), {"role": "assistant", "content": None, "tool_calls": [call]}]
+        history.append({"role": "tool", "content": "sunny " * 5, "tool_call_id": "call_1"})
+    try:
+        reply = engine.chat([*history, *user("reply: done")], tools=[WEATHER], temperature=0, max_new_tokens=8)
+        assert reply.text == "done" and reply.truncated_messages > 0 and reply.prompt_tokens <= 1000
+    finally:
+        engine.close()
+
+
+def test_stream_text_continues_plain_text(fake):
+    generation = fake.stream_text("reply: raw text", temperature=0, logprobs=True)
+    assert "".join(generation) == "raw text" and generation.reply.prompt_tokens == len("reply: raw text")
+    assert len(generation.reply.logprobs) == len("raw text")
+    constrained = fake.stream_text("reply: 12", temperature=0, constraint=Constraint("regex", "[0-9]+ apples"))
+    assert constrained.text() == "12 apples"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [("", "the prompt is empty"), ("\udc80 hi", "lone surrogate"), ("x" * 5000, "more than the"), (None, "string")],
+)
+def test_stream_text_refuses_bad_prompts(fake, prompt, message):
+    from catdog_glm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        fake.stream_text(prompt, max_new_tokens=16)
+
+
+def test_chatglm3_stream_text_and_prefill(tiny):
+    text = tiny.stream_text("hello world", temperature=0, max_new_tokens=6)
+    assert text.text() is not None and text.reply.prompt_tokens == len(tiny.model.encode_text("hello world"))
+    prefill = [*user("hello"), {"role": "assistant", "content": "Paris is"}]
+    continued = tiny.chat(prefill, continue_final=True, temperature=0, max_new_tokens=4)
+    closed = tiny.chat(prefill, temperature=0, max_new_tokens=4)
+    assert continued.prompt_tokens == closed.prompt_tokens - 1  # no new <|assistant|> turn
