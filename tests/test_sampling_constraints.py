@@ -418,3 +418,22 @@ def test_chatglm3_stream_text_and_prefill(tiny):
     continued = tiny.chat(prefill, continue_final=True, temperature=0, max_new_tokens=4)
     closed = tiny.chat(prefill, temperature=0, max_new_tokens=4)
     assert continued.prompt_tokens == closed.prompt_tokens - 1  # no new <|assistant|> turn
+
+
+def test_a_reader_that_stops_early_cancels_at_once(fake):
+    import asyncio
+
+    generation = fake.stream(user("reply: " + "a" * 300), temperature=0)
+    for _ in generation:
+        break
+    assert generation.cancelled
+
+    async def read_one():
+        generation = fake.stream(user("reply: " + "a" * 300), temperature=0)
+        pieces = generation.pieces()
+        async for _ in pieces:
+            break
+        await pieces.aclose()  # what a server does when its client goes away
+        return generation
+
+    assert asyncio.run(read_one()).cancelled

@@ -156,14 +156,22 @@ class Generation:
                 self.cancel()  # a disconnect or timeout lands here: stop generating for nobody
 
     def __iter__(self) -> Iterator[str]:
-        for piece in self.iter_chunks():
-            if piece.text:
-                yield piece.text
+        chunks = self.iter_chunks()
+        try:
+            for piece in chunks:
+                if piece.text:
+                    yield piece.text
+        finally:
+            chunks.close()  # at once, so a reader that stops early cancels the generation
 
     async def pieces(self) -> AsyncIterator[str]:
-        async for piece in self.chunks():
-            if piece.text:
-                yield piece.text
+        chunks = self.chunks()
+        try:
+            async for piece in chunks:
+                if piece.text:
+                    yield piece.text
+        finally:
+            await chunks.aclose()  # an async generator left to the loop's finalizer would cancel only later
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self.pieces()
