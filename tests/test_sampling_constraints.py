@@ -437,3 +437,29 @@ def test_a_reader_that_stops_early_cancels_at_once(fake):
         return generation
 
     assert asyncio.run(read_one()).cancelled
+
+
+def test_a_request_whose_matcher_fails_ends_with_stop_alone(fake, caplog):
+    from catdog_glm.chat import constrained
+    from catdog_glm.chat.sampling import Sampling
+    from catdog_glm.chat.scheduler import Request
+    from catdog_glm.chat.streaming import END, ThreadInbox
+
+    state = constrained.compile(fake.model, Constraint("json_object")).start()
+    state._matcher.consume_token(ord("x"))  # not JSON: the matcher is in its error state from now on
+    broken = Request(
+        fake.model.encode_chat(user("reply: {}")),
+        20,
+        Sampling(temperature=0),
+        stop_ids=fake.model.stop_ids,
+        decode=fake.model.decode,
+        inbox=ThreadInbox(),
+        constraint=state,
+    )
+    beside = fake.stream(user("reply: fine"), temperature=0)
+    fake._scheduler.submit(broken)
+    assert beside.text() == "fine"
+    while broken.inbox.get() is not END:
+        pass
+    assert broken.reply.finish_reason == "stop" and broken.reply.text == "" and broken.error is None
+    assert "constrained decoding stopped" in caplog.text
