@@ -88,3 +88,21 @@ def test_a_closed_engine_answers_503_shutting_down(engine):
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}]})
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
     assert r.headers["retry-after"] == "5" and client.get("/health").json()["active_requests"] == 0
+
+
+def test_chatglm3_replies_come_without_their_metadata_line(engine):
+    """Every ChatGLM3 reply starts with a metadata line (empty for plain text: "\\n Hello"); THUDM's
+    process_response strips it, and so do both routes, the same way."""
+    from catdog_glm.serve.chat_api import _reply_content
+
+    assert _reply_content("chatglm3", "\n Hello there.\n") == "Hello there."
+    assert _reply_content(None, "\n Hello") == "\n Hello"  # other models' text is theirs
+    client = TestClient(create_api(engine, ApiLimits(max_tokens=8)))
+    body = {"max_new_tokens": 6, "temperature": 0}
+    book = client.post("/chat", json={"query": "hello", **body}).json()["response"]
+    openai = client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0},
+    ).json()["choices"][0]["message"]["content"]
+    raw = engine.chat([{"role": "user", "content": "hello"}], max_new_tokens=6, temperature=0).text
+    assert book == openai == _reply_content("chatglm3", raw)

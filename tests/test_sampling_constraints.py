@@ -93,6 +93,12 @@ def test_bad_sampling_options_are_one_line_config_errors(fake, options, message)
     assert "\n" not in str(caught.value)
 
 
+def test_a_vanishing_temperature_samples_greedily_instead_of_overflowing(fake):
+    """logits / 4e-195 overflow to inf and softmax to NaN: below 1e-5 (vLLM's epsilon) the engine picks greedily."""
+    expected = fake.chat(user("reply: tiny temperature"), temperature=0).text
+    assert fake.chat(user("reply: tiny temperature"), temperature=4e-195, top_p=0.5).text == expected
+
+
 def test_seeds_across_the_64_bit_range_replay(fake):
     for seed in (0, -1, 2**63, 2**64 - 1):
         first = fake.chat(user("reply: a fairly long reply to sample from"), temperature=2.0, seed=seed)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 # ChatGLM3's demos sample with top_p 0.8, temperature 0.8.
 DEFAULT_TEMPERATURE = 0.8
+GREEDY_BELOW = 1e-5  # a smaller temperature samples as greedy
 DEFAULT_TOP_P = 0.8
 DEFAULT_MAX_NEW_TOKENS = 512
 MAX_TOP_LOGPROBS = 20
@@ -96,7 +97,9 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below vLLM's _SAMPLING_EPS, logits / temperature overflow to inf and the probabilities to NaN: greedy is
+        # what such a temperature means anyway
+        return self.temperature < GREEDY_BELOW
 
     @property
     def wants_logprobs(self) -> bool:

@@ -619,10 +619,11 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                 f"max_length {body.max_length} leaves no room: the prompt alone is {reply.prompt_tokens} tokens",
                 param="max_length",
             )
+        text = _reply_content(engine.model.tool_format, reply.text)
         return JSONResponse(
             {
-                "response": reply.text,
-                "history": [*messages, {"role": "assistant", "content": reply.text}],
+                "response": text,
+                "history": [*messages, {"role": "assistant", "content": text}],
                 "status": 200,
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "truncated_messages": reply.truncated_messages,
@@ -678,7 +679,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                 if parser is not None:
                     parser.feed(reply.text)
                     parser.finish()
-                    message["content"] = parser.content
+                    message["content"] = parser.content if parser.content or parser.tool_calls else ""
                     if parser.tool_calls:
                         message["tool_calls"] = parser.tool_calls
                 lp = _chat_logprobs(reply.logprobs or [], body.top_logprobs or 0) if body.logprobs else None
@@ -865,9 +866,21 @@ def _start_n(service: ChatService, begin, sampling: dict, n: int) -> list[Genera
 
 
 def _parser(tool_format, tools, body: ChatCompletionRequest, prefill: bool) -> ToolCallParser | None:
-    if not tools:
+    """The reply's reader: with tools, it finds calls; for ChatGLM3 always, since every ChatGLM3 reply starts with a
+    metadata line (empty for plain text) that THUDM's own `process_response` strips too."""
+    if not tools and tool_format != "chatglm3":
         return None
-    return ToolCallParser(tool_format, tools, parallel=body.parallel_tool_calls, continued=prefill)
+    return ToolCallParser(tool_format, tools or [], parallel=body.parallel_tool_calls, continued=prefill)
+
+
+def _reply_content(tool_format, text: str) -> str:
+    """A whole plain reply as the user should read it (ChatGLM3: without its empty metadata line)."""
+    if tool_format != "chatglm3":
+        return text
+    parser = ToolCallParser(tool_format, [])
+    parser.feed(text)
+    parser.finish()
+    return parser.content or ""
 
 
 def _render_deltas(deltas) -> list[dict]:
