@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from catdog_glm.chat.engine import ChatEngine, Constraint
+from catdog_glm.errors import ConfigError
 from tests.fake_chat import fake_chat_model
 
 
@@ -394,6 +395,17 @@ def test_history_with_tool_turns_is_cut_to_fit_and_keeps_its_last_turn():
     try:
         reply = engine.chat([*history, *user("reply: done")], tools=[WEATHER], temperature=0, max_new_tokens=8)
         assert reply.text == "done" and reply.truncated_messages > 0 and reply.prompt_tokens <= 1000
+    finally:
+        engine.close()
+
+
+def test_a_prompt_that_cannot_fit_names_what_fills_it():
+    engine = ChatEngine(fake_chat_model(context_window=300), max_batch_size=4, max_batch_tokens=65536)
+    try:
+        with pytest.raises(ConfigError, match="the last message alone is"):
+            engine.stream(user("x" * 400), max_new_tokens=8)
+        with pytest.raises(ConfigError, match="the last message with the system message and the tool definitions"):
+            engine.stream([{"role": "system", "content": "be brief"}, *user("hi " * 60)], tools=[WEATHER] * 3)
     finally:
         engine.close()
 

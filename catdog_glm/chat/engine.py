@@ -343,8 +343,14 @@ class ChatEngine:
         while len(ids) > budget:
             removable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
             if not removable:
+                parts = ["the last message"]
+                if any(m["role"] == "system" for m in messages[:-1]):
+                    parts.append("the system message")
+                if options.get("tools"):
+                    parts.append("the tool definitions")
+                what = " alone" if len(parts) == 1 else " with " + " and ".join(parts[1:])
                 raise ConfigError(
-                    f"the last message alone is {len(ids)} tokens, more than the {budget} the context "
+                    f"the last message{what} is {len(ids)} tokens, more than the {budget} the context "
                     "window leaves; shorten it or lower max_new_tokens"
                 )
             del messages[removable[0]]
