@@ -612,7 +612,20 @@ def _py_value(schema, rules: list[str], rule: str, root: dict) -> str:
     # arrays, objects and anything richer: the JSON text of it (a Python literal once true/false/null are read)
     sub = dict(schema, **{k: root[k] for k in ("$defs", "definitions") if k in root and k not in schema})
     rules.append(f"{rule}: %json {json.dumps(sub)}")
+    _check_grammar_size(rules)
     return rule
+
+
+MAX_GRAMMAR_CHARS = 1 << 21  # a forced ChatGLM3 call's grammar text; beyond, the tools are refused (400)
+MAX_CALL_ARGUMENTS = 256  # keyword arguments a forced ChatGLM3 call's grammar spells out (llguidance overflows its
+# stack on rule chains some thousands deep: a segfault, not an error)
+
+
+def _check_grammar_size(rules: list[str]) -> None:
+    """Stop building a grammar that outgrows MAX_GRAMMAR_CHARS (each rich argument copies the schema's $defs: a
+    small body could otherwise ask for gigabytes before llguidance's own limits see it)."""
+    if sum(map(len, rules)) > MAX_GRAMMAR_CHARS:
+        raise ConfigError("the tools' schemas are too large to enforce as a ChatGLM3 call; simplify the parameters")
 
 
 def _chatglm3_grammar(chosen: list[dict]) -> str:
@@ -622,15 +635,23 @@ def _chatglm3_grammar(chosen: list[dict]) -> str:
         fn = tool["function"]
         params = _parameters(fn)
         props = [(k, v) for k, v in (params.get("properties") or {}).items() if str(k).isidentifier()]
+        if len(props) > MAX_CALL_ARGUMENTS:
+            raise ConfigError(
+                f"{fn['name']} has {len(props)} parameters; a forced ChatGLM3 call takes at most {MAX_CALL_ARGUMENTS}"
+            )
         required = set(params.get("required") or [])
         items = [f'"{k}=" {_py_value(v, rules, f"v{f}_{i}", params)}' for i, (k, v) in enumerate(props)]
         # keyword arguments in the schema's order, the required ones always, the others optional, comma-separated
         for i, item in enumerate(items):
             rules.append(f'p{f}_{i}: ", " {item}')
         after = [f"p{f}_{j}" if props[j][0] in required else f"p{f}_{j}?" for j in range(len(items))]
+        # t{f}_{j}: the arguments from j on, as a chain of rules (linear in the number of arguments, not quadratic)
+        for j in range(len(items) - 1, 0, -1):
+            rules.append(f"t{f}_{j}: {after[j]}" + (f" t{f}_{j + 1}" if j + 1 < len(items) else ""))
+        _check_grammar_size(rules)
         heads = []
         for i, item in enumerate(items):  # the first argument written: one of those up to the first required one
-            heads.append(" ".join([item, *after[i + 1 :]]))
+            heads.append(item + (f" t{f}_{i + 1}" if i + 1 < len(items) else ""))
             if props[i][0] in required:
                 break
         args = ""
