@@ -436,6 +436,37 @@ def test_response_format_json_schema_and_json_object(client):
     assert r["choices"][0]["message"]["content"].lstrip().startswith("{")
 
 
+def _ref_chain(links: int, nest: int = 1) -> dict:
+    """A schema whose $defs form a chain `links` long, each link `nest` objects deep (100-odd KB at most)."""
+
+    def link(i: int) -> dict:
+        node = {"$ref": f"#/$defs/d{i + 1}"}
+        for _ in range(nest):
+            node = {"type": "object", "properties": {"x": node}, "required": ["x"]}
+        return node
+
+    return {
+        "$defs": {f"d{i}": link(i) for i in range(links)} | {f"d{links}": {"type": "integer"}},
+        "$ref": "#/$defs/d0",
+    }
+
+
+def test_schemas_nested_too_deep_through_refs_are_400_not_a_crash(client):
+    """llguidance compiles $refs recursively: a chain of them overflowed its stack and killed the server (segfault)."""
+    for schema in (_ref_chain(5000), _ref_chain(1000), _ref_chain(40, 50)):
+        fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}
+        error = assert_openai_error(chat(client, response_format=fmt), 400)
+        assert "levels deep" in error["message"]
+        tool = {"type": "function", "function": {"name": "deep", "parameters": {"type": "object", **schema}}}
+        error = assert_openai_error(chat(client, tools=[tool]), 400, "tools")
+        assert "levels deep" in error["message"]
+    # a recursive schema (a list of nodes) and a short chain are fine
+    node = {"type": "object", "properties": {"v": {"type": "integer"}, "next": {"$ref": "#"}}, "required": ["v"]}
+    for schema in (node, _ref_chain(50)):
+        fmt = {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}
+        assert chat(client, 'reply: {"v": 1}', response_format=fmt, max_tokens=8).status_code == 200
+
+
 def test_a_model_without_a_tool_format_refuses_tools(engine, monkeypatch):
     monkeypatch.setattr(engine.model, "tool_format", None)
     client = TestClient(create_api(engine, ApiLimits()))

@@ -60,6 +60,7 @@ class Constraint:
                     raise ConfigError(f"the JSON schema is not valid JSON: {e}") from e
             if not isinstance(spec, (dict, bool)):
                 raise ConfigError("a JSON schema must be a JSON object")
+            check_schema_depth(spec)
             try:
                 return LLMatcher.grammar_from_json_schema(spec, defaults=options)
             except (ValueError, TypeError) as e:
@@ -78,6 +79,58 @@ class Constraint:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"the {self.kind} constraint cannot be written as JSON: {e}") from e
         return f"{self.kind}\0{spec}"
+
+
+MAX_SCHEMA_DEPTH = 256  # nested objects/arrays in a JSON schema, its $refs followed
+
+
+def check_schema_depth(schema, what: str = "the JSON schema") -> None:
+    """ConfigError when `schema`, with its local `$ref`s followed, nests deeper than MAX_SCHEMA_DEPTH: llguidance
+    compiles schemas recursively, and a chain of $refs some hundreds of levels deep (a 100 KB body) overflows its
+    stack, which kills the process (a segfault, no exception). Recursive schemas (a $ref back into its own path) are
+    fine: llguidance expands those lazily."""
+    memo: dict[str, int] = {}
+
+    def too_deep() -> ConfigError:
+        return ConfigError(f"{what} nests more than {MAX_SCHEMA_DEPTH} levels deep (counting the $refs it follows)")
+
+    def height(node, depth: int, active: frozenset) -> int:
+        if depth > MAX_SCHEMA_DEPTH:
+            raise too_deep()
+        if isinstance(node, list):
+            return max((height(v, depth, active) for v in node if isinstance(v, (dict, list))), default=0)
+        best = 0
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#") and ref not in active:
+            if ref not in memo:
+                target = _pointer(schema, ref)
+                memo[ref] = height(target, depth, active | {ref}) if isinstance(target, (dict, list)) else 0
+            best = memo[ref]
+        for key, value in node.items():
+            if key != "$ref" and isinstance(value, (dict, list)):
+                best = max(best, 1 + height(value, depth + 1, active))
+        if depth + best > MAX_SCHEMA_DEPTH:
+            raise too_deep()
+        return best
+
+    if isinstance(schema, dict):
+        height(schema, 0, frozenset())
+
+
+def _pointer(document, ref: str):
+    """The node a local JSON pointer ("#/$defs/name") names, or None."""
+    node = document
+    for part in ref[1:].split("/")[1:] if ref.startswith("#/") else ([] if ref == "#" else [None]):
+        if part is None:
+            return None
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 def _first_line(error) -> str:

@@ -24,7 +24,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from catdog_glm.chat.constrained import Constraint
+from catdog_glm.chat.constrained import Constraint, check_schema_depth
 from catdog_glm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def _check_schema(schema, where: str) -> None:
     """A JSON schema llguidance can compile (what a forced call's arguments are held to)."""
     import llguidance
 
+    check_schema_depth(schema, where)  # before llguidance, whose stack a deep $ref chain overflows
     try:
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
             llguidance.LLMatcher.grammar_from_json_schema(schema)
