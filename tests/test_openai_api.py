@@ -101,6 +101,7 @@ BAD_CHAT = [
     ({"messages": HI, "tool_choice": "required"}, "tool_choice"),
     ({"messages": HI, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
     ({"messages": HI, "tools": [{"type": "code"}]}, "tools"),
+    ({"messages": HI, "tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools"),
     ({"messages": HI, "response_format": {"type": "json_schema"}}, "response_format"),
     ({"messages": HI, "response_format": {"type": "xml"}}, "response_format"),
     ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}, None),

@@ -20,6 +20,7 @@ MAX_N = 8
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5  # the legacy endpoint's limit
+MAX_TOOLS = 128  # OpenAI's limit; each tool's schema is compiled on the event loop
 
 # Documented OpenAI parameters refused with 400: ignoring them would hand back something the client did not ask for.
 UNSUPPORTED = {
@@ -223,7 +224,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="preferred over max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[ToolDefinition] | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS, description="at most 128, as OpenAI allows")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
