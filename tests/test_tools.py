@@ -496,6 +496,21 @@ def test_chatglm3_grammar_takes_the_prompt_format_and_only_allowed_calls(smol, l
     assert json.loads(parser.tool_calls[0]["function"]["arguments"]) == args
 
 
+def test_call_arguments_are_json_text_utf8_can_carry():
+    """A model that writes the escape \\ud800 (a lone surrogate once parsed): the arguments must still encode as UTF-8
+    (they go into JSON responses and SSE events; a raw surrogate made the API answer 500 or cut the stream)."""
+    tool = {"type": "function", "function": {"name": "f"}}
+    for fmt, text in (
+        ("chatglm3", 'f\n```python\ntool_call(city="\\ud800", town="Zürich")\n```'),
+        ("hermes", '<tool_call>\n{"name": "f", "arguments": {"city": "\\ud800", "town": "Zürich"}}\n</tool_call>'),
+    ):
+        parser = ToolCallParser(fmt, [tool])
+        run(parser, text, 4)
+        arguments = parser.tool_calls[0]["function"]["arguments"]
+        arguments.encode("utf-8")
+        assert json.loads(arguments) == {"city": "\ud800", "town": "Zürich"}, fmt
+
+
 def test_chatglm3_grammar_keeps_argument_order_and_grows_linearly(smol, lltok):
     """Optional arguments before and after a required one, in the schema's order; the grammar for many optional
     arguments stays small (it was quadratic: 1,500 parameters took seconds on the event loop, 5,000 minutes)."""

@@ -95,6 +95,17 @@ def validate_tools(tools) -> list[dict]:
     return out
 
 
+def _json_text(value) -> str:
+    """JSON text that UTF-8 can carry: a model may write "\\ud800" (a lone surrogate once parsed), which only the
+    escaped form can put on the wire (JSON responses and SSE events are UTF-8)."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value)
+    return text
+
+
 def _function_names(tools) -> set[str]:
     return {t["function"]["name"] for t in tools or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)}
 
@@ -472,7 +483,7 @@ class ToolCallParser:
             log.info("a ChatGLM3 call to %s did not parse (%s): kept as content", self._meta, e)
             self._lstrip = False
             return self._content(f"{self._meta}\n{body}")
-        return self._start_call(self._meta) + self._arguments(json.dumps(arguments, ensure_ascii=False))
+        return self._start_call(self._meta) + self._arguments(_json_text(arguments))
 
     # -- Hermes ----------------------------------------------------------------------------------------------------
     def _hermes_step(self, final: bool) -> list[Delta] | None:
@@ -537,7 +548,7 @@ class ToolCallParser:
             return []
         if not self._wants_call(name):
             return self._content(CALL_OPEN + body + (CALL_CLOSE if cut >= 0 else ""))
-        return self._start_call(name) + self._arguments(json.dumps(arguments, ensure_ascii=False))
+        return self._start_call(name) + self._arguments(_json_text(arguments))
 
 
 # ---- forcing a call -----------------------------------------------------------------------------------------------
