@@ -51,6 +51,7 @@ bench: install
 	$(PY) benchmarks/bench_predict.py
 	$(PY) benchmarks/bench_chat.py
 	$(PY) benchmarks/bench_serve_chat.py
+	$(PY) benchmarks/bench_constrained.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(DEMO_OUT) data/demo-synthetic
