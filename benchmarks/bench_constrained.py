@@ -56,6 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--model", default=None, help="a model path or id (default: the embedded SmolLM2)")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), default=None)
     args = parser.parse_args()
 
     import torch
@@ -66,7 +68,9 @@ def main() -> None:
     from catdog_glm.chat.loading import load_chat_model
     from catdog_glm.chat.tools import tool_constraint
 
-    chat = load_chat_model(None)
+    started = time.perf_counter()
+    chat = load_chat_model(args.model, quantize=args.quantize)
+    load_s = time.perf_counter() - started
     engine = ChatEngine(chat, max_batch_size=4)
     person = [{"role": "user", "content": "Describe a pet owner as JSON with name, age and pets."}]
     weather = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -81,12 +85,15 @@ def main() -> None:
     for messages, options in modes.values():  # warm-up: compiles and caches each grammar
         engine.chat(messages, temperature=0, max_new_tokens=4, **options)
     print(
-        f"bench_constrained: {chat.name}, {str(chat.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads,"
-        f" greedy, up to {args.new_tokens} new tokens, {args.runs} runs per mode"
+        f"bench_constrained: {chat.name}, {str(chat.dtype).replace('torch.', '')}, weights {chat.quantization},"
+        f" {torch.get_num_threads()} threads,"
+        f" greedy, up to {args.new_tokens} new tokens, {args.runs} runs per mode; loaded in {load_s:.1f} s"
     )
+    stop_ids = chat.stop_ids
     speed: dict[str, float] = {}
     for name, (messages, options) in modes.items():
         rates, counts = [], []
+        chat.stop_ids = set() if name == "plain" and args.model else stop_ids  # random weights stop at random
         for _ in range(args.runs):
             seconds, tokens = timed_reply(engine, messages, args.new_tokens, **options)
             rates.append(tokens / seconds)
