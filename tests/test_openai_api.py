@@ -461,6 +461,10 @@ def test_schemas_nested_too_deep_through_refs_are_400_not_a_crash(client):
         tool = {"type": "function", "function": {"name": "deep", "parameters": {"type": "object", **schema}}}
         error = assert_openai_error(chat(client, tools=[tool]), 400, "tools")
         assert "levels deep" in error["message"]
+    # a $ref loop that never reaches a type matches nothing: 400, not an empty reply that cannot validate
+    loop = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "loop", "schema": loop}}
+    assert "can match nothing" in assert_openai_error(chat(client, response_format=fmt), 400)["message"]
     # a recursive schema (a list of nodes) and a short chain are fine
     node = {"type": "object", "properties": {"v": {"type": "integer"}, "next": {"$ref": "#"}}, "required": ["v"]}
     for schema in (node, _ref_chain(50)):

@@ -227,6 +227,10 @@ class CompiledConstraint:
         self._matcher = LLMatcher(tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
             raise ConfigError(f"invalid {constraint.kind} constraint: {_first_line(self._matcher.get_error())}")
+        probe = self._matcher.deep_copy()  # some grammars fail only once asked for a token ($ref loops)
+        if not any(probe.compute_logit_bias()) or probe.is_error():
+            reason = _first_line(probe.get_error()) if probe.is_error() else "it allows no token"
+            raise ConfigError(f"the {constraint.kind} constraint can match nothing: {reason}")
         self.eos = frozenset(tokenizer.eos_tokens)
 
     def start(self) -> ConstraintState:
