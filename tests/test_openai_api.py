@@ -81,6 +81,7 @@ BAD_CHAT = [
     ({"messages": HI, "presence_penalty": -2.5}, "presence_penalty"),
     ({"messages": HI, "logit_bias": {"a": 1}}, "logit_bias"),
     ({"messages": HI, "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"messages": HI, "logit_bias": {"²": 1}}, "logit_bias"),  # a digit to str.isdigit(), not to int()
     ({"messages": HI, "logit_bias": {"999999": 1}}, None),  # outside the vocabulary: the engine says so
     ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),

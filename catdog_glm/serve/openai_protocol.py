@@ -11,6 +11,7 @@ Limits that depend on the running server (the max_tokens cap, the message count)
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -118,7 +119,8 @@ class _SamplingFields(_Request):
     def _bias_keys(cls, value):
         if value is not None:
             for key in value:
-                if len(key) > 12 or not key.strip().lstrip("-").isdigit():
+                # ASCII digits only: str.isdigit() also takes "²", which int() refuses (a 500)
+                if len(key) > 12 or not re.fullmatch(r"\s*-?[0-9]+\s*", key):
                     raise ValueError(f"logit_bias keys must be token ids (integer strings), got {key!r}")
         return value
 
