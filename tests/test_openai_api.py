@@ -466,6 +466,10 @@ def test_schemas_nested_too_deep_through_refs_are_400_not_a_crash(client):
     loop = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
     fmt = {"type": "json_schema", "json_schema": {"name": "loop", "schema": loop}}
     assert "can match nothing" in assert_openai_error(chat(client, response_format=fmt), 400)["message"]
+    # a $ref through a list index that only str.isdigit() reads as a number
+    odd = {"type": "object", "properties": {"a": {"$ref": "#/anyOf/²"}}, "anyOf": [{"type": "object"}]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "odd", "schema": odd}}
+    assert chat(client, response_format=fmt).status_code == 400
     # a recursive schema (a list of nodes) and a short chain are fine
     node = {"type": "object", "properties": {"v": {"type": "integer"}, "next": {"$ref": "#"}}, "required": ["v"]}
     for schema in (node, _ref_chain(50)):
