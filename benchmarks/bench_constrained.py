@@ -37,19 +37,18 @@ WEATHER = {
 
 
 def timed_reply(engine, messages, new_tokens: int, **options) -> tuple[float, int]:
-    """(seconds from the first token to the last, tokens after the first) of one greedy reply."""
-    first = None
-    count = 0
+    """(seconds, completion tokens) of one greedy reply."""
     started = time.perf_counter()
-    generation = engine.stream(messages, temperature=0, max_new_tokens=new_tokens, **options)
-    for chunk in generation.iter_chunks():
-        count = generation.completion_tokens
-        if first is None and chunk.text:
-            first, first_count = time.perf_counter(), count
-    end = time.perf_counter()
-    if first is None:
-        return end - started, max(count, 1)
-    return end - first, max(count - first_count, 1)
+    reply = engine.chat(messages, temperature=0, max_new_tokens=new_tokens, **options)
+    return time.perf_counter() - started, reply.completion_tokens
+
+
+def decode_rate(engine, messages, new_tokens: int, **options) -> tuple[float, int]:
+    """(tokens/s after the first token, tokens) of one reply: its time less that of the same request cut to one
+    token (the prompt's prefill), so replies whose tokens have no text yet (random weights) are timed right too."""
+    first, _ = timed_reply(engine, messages, 1, **options)
+    seconds, tokens = timed_reply(engine, messages, new_tokens, **options)
+    return (tokens - 1) / max(seconds - first, 1e-9), tokens
 
 
 def main() -> None:
@@ -95,12 +94,12 @@ def main() -> None:
         rates, counts = [], []
         chat.stop_ids = set() if name == "plain" and args.model else stop_ids  # random weights stop at random
         for _ in range(args.runs):
-            seconds, tokens = timed_reply(engine, messages, args.new_tokens, **options)
-            rates.append(tokens / seconds)
+            rate, tokens = decode_rate(engine, messages, args.new_tokens, **options)
+            rates.append(rate)
             counts.append(tokens)
         speed[name] = statistics.median(rates)
         runs = ", ".join(f"{r:.1f}" for r in rates)
-        print(f"  {name:12s} decode {speed[name]:6.1f} tok/s (runs: {runs}; tokens timed: {counts[0]})")
+        print(f"  {name:12s} decode {speed[name]:6.1f} tok/s (runs: {runs}; tokens: {counts[0]})")
 
     # llguidance's own cost: one step's mask, measured alone on the schema's matcher
     state = constrained.compile(chat, Constraint("json_schema", SCHEMA)).start()
