@@ -187,6 +187,25 @@ def test_404_405_413_in_openai_shape_and_the_book_route_in_its_own(client):
     }
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tool_calls": 5},
+        {"tool_calls": "abc"},
+        {"tool_calls": [5]},
+        {"tool_calls": [{"function": 5}]},
+        {"tool_calls": {"a": 1}},
+        {"tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]},
+        {"name": 5},
+    ],
+)
+def test_book_chat_history_with_malformed_tool_keys_is_400(client, extra):
+    """/chat passes history dicts through to the prompt builders: malformed tool keys made them raise (a 500)."""
+    body = {"query": "hi", "history": [{"role": "assistant", "content": "x", **extra}]}
+    r = client.post("/chat", json=body)
+    assert r.status_code == 400 and "message 0" in r.json()["error"], r.text
+
+
 def test_book_chat_max_length_below_the_prompt_is_400(client):
     r = client.post("/chat", json={"query": "hello there", "max_length": 3})
     assert r.status_code == 400 and "max_length" in r.json()["error"]

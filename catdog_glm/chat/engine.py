@@ -68,6 +68,22 @@ def _content(content, where: str) -> str:
     return text
 
 
+def _check_tool_keys(message: dict, where: str) -> None:
+    """The extra keys as the prompt builders read them (the book's /chat passes history dicts as they come):
+    `tool_calls` a list of {"function": {"name": str, "arguments": JSON text or object}}, the others strings."""
+    from catdog_glm.chat.tools import call_arguments
+
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise ConfigError(f"{where}: tool_calls must be a list of calls")
+        for i, call in enumerate(calls):
+            call_arguments(call, f"{where}: tool_calls[{i}]")
+    for key in ("tool_call_id", "name"):
+        if key in message and not isinstance(message[key], str):
+            raise ConfigError(f"{where}: {key} must be a string")
+
+
 def normalize_messages(history) -> list[dict]:
     """ChatGLM3-style/OpenAI [{"role", "content", ...}] or the book's [[query, answer], ...] pairs -> messages.
     Roles: system, user, assistant, tool, observation; an assistant message with `tool_calls` may have no content;
@@ -87,6 +103,7 @@ def normalize_messages(history) -> list[dict]:
                 content = ""
             message = {"role": role, "content": _content(content, f"message {n}")}
             message.update((k, item[k]) for k in EXTRA_KEYS if item.get(k) is not None)
+            _check_tool_keys(message, f"message {n}")
             messages.append(message)
         elif isinstance(item, (list, tuple)) and len(item) == 2:
             query, answer = item
