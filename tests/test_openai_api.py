@@ -107,6 +107,7 @@ BAD_CHAT = [
     ({"messages": HI, "response_format": {"type": "xml"}}, "response_format"),
     ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}, None),
     ({"messages": HI, "stream": "yes"}, "stream"),
+    ({"messages": HI, "stream_options": {"include_usage": True}}, "stream_options"),  # without stream, as vLLM
     ({"messages": HI, "model": "gpt-4"}, "model"),
 ]
 
@@ -327,9 +328,15 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation():
 
 
 def test_n_choices_with_seeds(client):
-    r = chat(client, "reply: same", n=3, seed=7, temperature=0.7).json()
+    r = chat(client, "reply: same", n=3, seed=7, temperature=0).json()
     assert [c["index"] for c in r["choices"]] == [0, 1, 2]
     assert r["usage"]["completion_tokens"] == sum(len(c["message"]["content"].encode()) for c in r["choices"])
+    text = "reply: a reply long enough for sampling to wander off the script"
+    r = chat(client, text, n=3, seed=7, temperature=2.0).json()
+    contents = [c["message"]["content"] for c in r["choices"]]
+    assert len(set(contents)) > 1  # seeds 7, 8, 9: the choices differ...
+    again = chat(client, text, n=3, seed=7, temperature=2.0).json()
+    assert [c["message"]["content"] for c in again["choices"]] == contents  # ...and replay exactly
     got = events(
         client, "/v1/chat/completions", {"messages": user("reply: ab"), "n": 2, "temperature": 0, "stream": True}
     )
@@ -687,3 +694,43 @@ def test_no_request_body_makes_the_server_answer_5xx(engine):
     assert client.get("/health").json()["active_requests"] == 0
     for route in ("/v1/chat/completions", "/v1/completions", "/chat"):  # bodies that got through did generate
         assert seen.get((route, 200), 0) >= 20, seen
+
+
+def test_encoding_a_prompt_does_not_stall_the_event_loop():
+    """A long conversation takes a while to encode (and a grammar to compile): meanwhile the server keeps answering
+    others. The fake model's encoder blocks here until /health has been answered on the same event loop."""
+    import httpx
+
+    chat_model = fake_chat_model()
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+    encode = chat_model.encode_chat
+
+    def slow_encode(messages, **options):
+        entered.set()
+        release.wait(10)
+        finished.set()
+        return encode(messages, **options)
+
+    chat_model.encode_chat = slow_encode
+    engine = ChatEngine(chat_model, max_batch_size=2, max_batch_tokens=1 << 14)
+    app = create_api(engine, ApiLimits(max_tokens=CAP))
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://catdog") as client:
+            body = {"messages": user("reply: done"), "temperature": 0}
+            pending = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            assert await asyncio.to_thread(entered.wait, 10)
+            health = await client.get("/health")
+            answered_while_encoding = not finished.is_set()
+            release.set()
+            reply = await pending
+            return health.status_code, answered_while_encoding, reply
+
+    try:
+        status, answered_while_encoding, reply = asyncio.run(scenario())
+    finally:
+        release.set()
+        engine.close()
+    assert status == 200 and answered_while_encoding
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "done"

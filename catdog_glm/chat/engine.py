@@ -221,21 +221,32 @@ class ChatEngine:
         tools: list | None = None,
         continue_final: bool = False,
         constraint: Constraint | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
         **sampling,
     ) -> Generation:
         """Queue a reply to `messages` and return at once; the scheduler starts it when the batch has room.
         `tools` (OpenAI function specs) go into the prompt in the model's tool format; `continue_final` continues
         the last (assistant) message instead of starting a new one; `constraint` is a grammar the reply must match.
+        `loop`: the event loop that will read the pieces (`async for`), for a caller that runs this in a worker
+        thread (encoding a long conversation or compiling a grammar would block its loop); by default the running
+        loop if there is one, else the pieces are read in a thread.
         Anything wrong with the request raises ConfigError here, before it is queued."""
         s = self._sampling(sampling)
         m = self.model
         budget = m.context_window - min(s.max_new_tokens, m.context_window // 2)
         options = {"tools": tools, "continue_final": continue_final} if tools or continue_final else {}
         prompt, dropped = self.fit(normalize_messages(messages), budget, **options)
-        return self._submit(prompt, s, constraint, dropped)
+        return self._submit(prompt, s, constraint, dropped, loop)
 
-    def stream_text(self, prompt: str, *, constraint: Constraint | None = None, **sampling) -> Generation:
-        """Queue a continuation of plain text `prompt` (no chat template: /v1/completions)."""
+    def stream_text(
+        self,
+        prompt: str,
+        *,
+        constraint: Constraint | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        **sampling,
+    ) -> Generation:
+        """Queue a continuation of plain text `prompt` (no chat template: /v1/completions); `loop` as in stream()."""
         s = self._sampling(sampling)
         m = self.model
         if m.encode_text is None:
@@ -253,7 +264,7 @@ class ChatEngine:
                 f"the prompt is {len(ids)} tokens, more than the {budget} the context window leaves; shorten it "
                 "or lower max_tokens"
             )
-        return self._submit(ids, s, constraint, 0)
+        return self._submit(ids, s, constraint, 0, loop)
 
     def chat(self, messages, **options) -> Reply:
         """The whole reply (`options`: those of `stream()`)."""
@@ -305,7 +316,9 @@ class ChatEngine:
             size = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
         return int(size) if size else None
 
-    def _submit(self, prompt: list[int], s: Sampling, constraint: Constraint | None, dropped: int) -> Generation:
+    def _submit(
+        self, prompt: list[int], s: Sampling, constraint: Constraint | None, dropped: int, loop=None
+    ) -> Generation:
         m = self.model
         limit = s.max_new_tokens
         if s.max_length:
@@ -320,10 +333,12 @@ class ChatEngine:
                     state = constrained.compile(m, constraint).start()
                 if s.wants_logprobs:
                     token_bytes = constrained.token_bytes_of(m)
-        try:
-            inbox = LoopInbox(asyncio.get_running_loop())
-        except RuntimeError:
-            inbox = ThreadInbox()
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+        inbox = LoopInbox(loop) if loop is not None else ThreadInbox()
         request = Request(
             prompt,
             limit,

@@ -239,10 +239,17 @@ class ChatService:
         return out
 
     # ---- generation ---------------------------------------------------------------------------------------------
-    def start(self, begin) -> Generation:
-        """Call `begin()` (engine.stream / stream_text): a bad request becomes 400, a closed engine 503."""
+    async def start(self, begin) -> Generation:
+        """Run `begin(loop)` (engine.stream / stream_text, told which loop reads the pieces) in a worker thread:
+        encoding a long conversation or compiling a grammar must not stall every other stream on the event loop.
+        A bad request becomes 400, a closed engine 503; a client gone meanwhile cancels what was started."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, begin, loop)
         try:
-            return begin()
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_cancel_started)
+            raise
         except CatdogError as e:
             raise ApiError(400, str(e)) from None
         except EngineClosedError:
@@ -608,7 +615,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
             sampling["max_length"] = body.max_length
         service.admit()
         try:
-            gen = service.start(lambda: engine.stream(messages, **sampling))
+            gen = await service.start(lambda loop: engine.stream(messages, loop=loop, **sampling))
             await service.wait([gen], request)
         finally:
             service.release()
@@ -661,7 +668,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
         n = body.n
         service.admit(n)
         try:
-            gens = _start_n(service, lambda s: engine.stream(messages, **extra, **s), sampling, n)
+            gens = await _start_n(service, lambda s: engine.stream(messages, **extra, **s), sampling, n)
         except BaseException:
             service.release(n)
             raise
@@ -754,7 +761,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
         try:
             gens = []
             for p in prompts:
-                gens += _start_n(service, lambda s, p=p: engine.stream_text(p, **s), sampling, body.n)
+                gens += await _start_n(service, lambda s, p=p: engine.stream_text(p, **s), sampling, body.n)
         except BaseException:
             for g in gens:
                 g.cancel()
@@ -849,7 +856,12 @@ def _not_found_or_not_allowed(app: FastAPI, request: Request):
     raise ApiError(404, f"no route {request.method} {request.url.path}", kind="not_found_error")
 
 
-def _start_n(service: ChatService, begin, sampling: dict, n: int) -> list[Generation]:
+def _cancel_started(future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().cancel()
+
+
+async def _start_n(service: ChatService, begin, sampling: dict, n: int) -> list[Generation]:
     """n generations of one request; seeded ones use seed, seed+1, ... (so choices differ yet reproduce)."""
     gens: list[Generation] = []
     try:
@@ -857,7 +869,7 @@ def _start_n(service: ChatService, begin, sampling: dict, n: int) -> list[Genera
             s = dict(sampling)
             if "seed" in s:
                 s["seed"] = (s["seed"] + i) % 2**64
-            gens.append(service.start(lambda s=s: begin(s)))
+            gens.append(await service.start(lambda loop, s=s: begin(s | {"loop": loop})))
     except BaseException:
         for g in gens:
             g.cancel()

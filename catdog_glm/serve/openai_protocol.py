@@ -103,6 +103,12 @@ class _SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0, le=10, description="ChatGLM3/HF style, over prompt+reply")
     top_k: int | None = Field(None, ge=0, description="extension: sample among the k most likely (0 = off)")
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options is only allowed with stream: true", "stream_options")
+        return self
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, value):
