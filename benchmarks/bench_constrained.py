@@ -36,19 +36,21 @@ WEATHER = {
 }
 
 
-def timed_reply(engine, messages, new_tokens: int, **options) -> tuple[float, int]:
-    """(seconds, completion tokens) of one greedy reply."""
-    started = time.perf_counter()
-    reply = engine.chat(messages, temperature=0, max_new_tokens=new_tokens, **options)
-    return time.perf_counter() - started, reply.completion_tokens
-
-
 def decode_rate(engine, messages, new_tokens: int, **options) -> tuple[float, int]:
-    """(tokens/s after the first token, tokens) of one reply: its time less that of the same request cut to one
-    token (the prompt's prefill), so replies whose tokens have no text yet (random weights) are timed right too."""
-    first, _ = timed_reply(engine, messages, 1, **options)
-    seconds, tokens = timed_reply(engine, messages, new_tokens, **options)
-    return (tokens - 1) / max(seconds - first, 1e-9), tokens
+    """(tokens/s from the first token to the last, tokens) of one greedy reply, timed by watching the token count
+    from this thread (every 2 ms): the prompt's prefill is left out, and tokens that have no text yet (random
+    weights) count too."""
+    generation = engine.stream(messages, temperature=0, max_new_tokens=new_tokens, **options)
+    while generation.completion_tokens < 1 and generation.reply is None and generation.error is None:
+        time.sleep(0.002)
+    first, counted = time.perf_counter(), generation.completion_tokens
+    while generation.reply is None and generation.error is None:
+        time.sleep(0.002)
+    seconds = time.perf_counter() - first
+    if generation.error is not None:
+        raise generation.error
+    tokens = generation.reply.completion_tokens
+    return (tokens - counted) / max(seconds, 1e-9), tokens
 
 
 def main() -> None:
