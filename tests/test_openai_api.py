@@ -530,6 +530,11 @@ def test_completions(client):
     r = client.post("/v1/completions", json={"prompt": "reply: abc", "logprobs": 2, "temperature": 0}).json()
     lp = r["choices"][0]["logprobs"]
     assert lp["tokens"] == ["a", "b", "c"] and lp["text_offset"] == [0, 1, 2] and len(lp["top_logprobs"][0]) == 2
+    # part of a UTF-8 character is named by its bytes, as OpenAI does: "\ufffd" for each would collide as a key
+    r = client.post("/v1/completions", json={"prompt": "reply: 世", "logprobs": 2, "temperature": 0}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert r["choices"][0]["text"] == "世" and lp["tokens"] == ["bytes:\\xe4", "bytes:\\xb8", "bytes:\\x96"]
+    assert all(len(top) == 2 for top in lp["top_logprobs"])
     got = events(client, "/v1/completions", {"prompt": "reply: abc", "temperature": 0, "stream": True})
     assert got[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in got[:-1]) == "abc"
     assert_openai_error(client.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400, "suffix")

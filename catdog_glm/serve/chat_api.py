@@ -379,14 +379,25 @@ def _chat_logprobs(tokens, top: int) -> dict:
     }
 
 
+def _legacy_token(text: str, data) -> str:
+    """A token as the legacy shape names it: its text, or, for part of a UTF-8 character (which decodes to "\ufffd",
+    so several such tokens would share one top_logprobs key), "bytes:\\xNN..." as OpenAI writes it."""
+    try:
+        bytes(data).decode("utf-8")
+        return text
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
 def _legacy_logprobs(tokens, top: int, offset: int) -> dict:
     """TokenLogprobs -> the legacy completions shape (tokens, token_logprobs, top_logprobs, text_offset)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
-        out["tokens"].append(t.token)
+        token = _legacy_token(t.token, t.bytes)
+        out["tokens"].append(token)
         out["token_logprobs"].append(_lp(t.logprob))
-        best = {s: _lp(v) for s, v, _ in t.top[:top]}
-        best.setdefault(t.token, _lp(t.logprob))
+        best = {_legacy_token(s, b): _lp(v) for s, v, b in t.top[:top]}
+        best.setdefault(token, _lp(t.logprob))
         out["top_logprobs"].append(best)
         out["text_offset"].append(offset)
         offset += len(t.token)
