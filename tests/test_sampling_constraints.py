@@ -481,3 +481,34 @@ def test_a_request_whose_matcher_fails_ends_with_stop_alone(fake, caplog):
         pass
     assert broken.reply.finish_reason == "stop" and broken.reply.text == "" and broken.error is None
     assert "constrained decoding stopped" in caplog.text
+
+
+def test_fit_drops_the_fewest_oldest_turns_with_a_few_encodes():
+    """The same turns as dropping one at a time would, found by bisection: a handful of encodes, not one per turn."""
+    chat_model = fake_chat_model(context_window=4096)
+    calls = []
+    encode = chat_model.encode_chat
+
+    def counting_encode(messages, **options):
+        calls.append(len(messages))
+        return encode(messages, **options)
+
+    chat_model.encode_chat = counting_encode
+    engine = ChatEngine(chat_model, max_batch_size=2, max_batch_tokens=1 << 16)
+    history = [{"role": "system", "content": "be brief"}]
+    for i in range(40):
+        history += [*user(f"question {i} " * (1 + i % 5)), {"role": "assistant", "content": f"answer {i} " * 3}]
+    history += user("reply: done")
+    try:
+        for budget in (150, 700, 1500):
+            expected = next(
+                k
+                for k in range(len(history))
+                if len(encode([history[0], *history[1 + k :]])) <= budget  # linear: drop k oldest after the system
+            )
+            calls.clear()
+            ids, dropped = engine.fit(history, budget)
+            assert dropped == expected and ids == encode([history[0], *history[1 + expected :]])
+            assert len(calls) <= 9  # 1 + 1 + log2(80) rounded up
+    finally:
+        engine.close()

@@ -365,36 +365,49 @@ class ChatEngine:
                 raise ConfigError(f"the conversation cannot be encoded: {e}") from None
 
     def fit(self, messages: list[dict], budget: int, **options) -> tuple[list[int], int]:
-        """Prompt ids within `budget` tokens: drop the oldest turns (never the system message). Returns ids, drops.
-        `options` (tools, continue_final) go to the model's `encode_chat`."""
+        """Prompt ids within `budget` tokens: drop the oldest turns (never the system message, never the last).
+        Returns ids, drops. `options` (tools, continue_final) go to the model's `encode_chat`.
+        The fewest turns to drop are found by bisection (a prompt only shrinks as turns go): a few encodes of the
+        conversation instead of one per dropped turn, which for 64 long messages took seconds."""
         messages = list(messages)
         if not messages:
             raise ConfigError("there are no messages to reply to")
-        dropped = 0
         ids = self._encode(messages, **options)
-        while len(ids) > budget:
-            removable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
-            if not removable:
-                parts = ["the last message"]
-                if any(m["role"] == "system" for m in messages[:-1]):
-                    parts.append("the system message")
-                if options.get("tools"):
-                    parts.append("the tool definitions")
-                what = " alone" if len(parts) == 1 else " with " + " and ".join(parts[1:])
-                raise ConfigError(
-                    f"the last message{what} is {len(ids)} tokens, more than the {budget} the context "
-                    "window leaves; shorten it or lower max_new_tokens"
-                )
-            del messages[removable[0]]
-            dropped += 1
-            ids = self._encode(messages, **options)
-        if dropped:
-            log.warning(
-                "conversation too long for the %d-token context: dropped the %d oldest message(s)",
-                self.model.context_window,
-                dropped,
+        if len(ids) <= budget:
+            return ids, 0
+        removable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
+
+        def without(count: int) -> list[dict]:
+            gone = set(removable[:count])
+            return [m for i, m in enumerate(messages) if i not in gone]
+
+        shortest = self._encode(without(len(removable)), **options) if removable else ids
+        if len(shortest) > budget:
+            parts = ["the last message"]
+            if any(m["role"] == "system" for m in messages[:-1]):
+                parts.append("the system message")
+            if options.get("tools"):
+                parts.append("the tool definitions")
+            what = " alone" if len(parts) == 1 else " with " + " and ".join(parts[1:])
+            raise ConfigError(
+                f"the last message{what} is {len(shortest)} tokens, more than the {budget} the context "
+                "window leaves; shorten it or lower max_new_tokens"
             )
-        return ids, dropped
+        # invariant: dropping `high` turns fits and `fitting` is that prompt; dropping fewer than `low` does not fit
+        low, high, fitting = 1, len(removable), shortest
+        while low < high:
+            middle = (low + high) // 2
+            candidate = self._encode(without(middle), **options)
+            if len(candidate) <= budget:
+                high, fitting = middle, candidate
+            else:
+                low = middle + 1
+        log.warning(
+            "conversation too long for the %d-token context: dropped the %d oldest message(s)",
+            self.model.context_window,
+            high,
+        )
+        return fitting, high
 
 
 def load_engine(
