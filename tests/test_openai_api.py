@@ -535,6 +535,10 @@ def test_completions(client):
     lp = r["choices"][0]["logprobs"]
     assert r["choices"][0]["text"] == "世" and lp["tokens"] == ["bytes:\\xe4", "bytes:\\xb8", "bytes:\\x96"]
     assert all(len(top) == 2 for top in lp["top_logprobs"])
+    # text_offset counts characters of the text: the three byte tokens of one character before "x" share offset 0
+    r = client.post("/v1/completions", json={"prompt": "reply: 世x", "logprobs": 1, "temperature": 0}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert r["choices"][0]["text"] == "世x" and lp["text_offset"] == [0, 0, 0, 1]
     got = events(client, "/v1/completions", {"prompt": "reply: abc", "temperature": 0, "stream": True})
     assert got[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in got[:-1]) == "abc"
     assert_openai_error(client.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400, "suffix")

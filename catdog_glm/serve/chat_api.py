@@ -13,6 +13,7 @@ Only imported by the serve commands, so it may import FastAPI at module level.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import time
@@ -392,6 +393,8 @@ def _legacy_token(text: str, data) -> str:
 def _legacy_logprobs(tokens, top: int, offset: int) -> dict:
     """TokenLogprobs -> the legacy completions shape (tokens, token_logprobs, top_logprobs, text_offset)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    # offsets count the text's characters: the bytes of one character add one, once it is complete
+    text_of = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
     for t in tokens:
         token = _legacy_token(t.token, t.bytes)
         out["tokens"].append(token)
@@ -400,7 +403,7 @@ def _legacy_logprobs(tokens, top: int, offset: int) -> dict:
         best.setdefault(token, _lp(t.logprob))
         out["top_logprobs"].append(best)
         out["text_offset"].append(offset)
-        offset += len(t.token)
+        offset += len(text_of(bytes(t.bytes)))
     return out
 
 
