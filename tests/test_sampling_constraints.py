@@ -512,3 +512,28 @@ def test_fit_drops_the_fewest_oldest_turns_with_a_few_encodes():
             assert len(calls) <= 9  # 1 + 1 + log2(80) rounded up
     finally:
         engine.close()
+
+
+def test_fit_keeps_working_when_the_template_refuses_the_shortest_conversation():
+    """A template that refuses some cut of the conversation (Qwen3's raises without a user message) must not fail a
+    conversation that dropping one turn at a time fits: here the shortest cut, a continued assistant message alone."""
+    chat_model = fake_chat_model(context_window=4096)
+    encode = chat_model.encode_chat
+
+    def needs_a_user(messages, **options):
+        if not any(m["role"] == "user" for m in messages):
+            raise ConfigError("the model's chat template refused these messages: No user query found in messages.")
+        return encode(messages, **options)
+
+    chat_model.encode_chat = needs_a_user
+    engine = ChatEngine(chat_model, max_batch_size=2, max_batch_tokens=1 << 16)
+    history = []
+    for i in range(6):
+        history += [*user(f"question {i} " * 5), {"role": "assistant", "content": f"answer {i} " * 5}]
+    history[-1] = {"role": "assistant", "content": "Sure: "}  # continued (prefill)
+    budget = len(encode(history[-2:], continue_final=True)) + 10  # only the last question and the prefill fit
+    try:
+        ids, dropped = engine.fit(history, budget, continue_final=True)
+        assert dropped == len(history) - 2 and ids == encode(history[-2:], continue_final=True)
+    finally:
+        engine.close()

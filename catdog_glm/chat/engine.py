@@ -381,27 +381,47 @@ class ChatEngine:
             gone = set(removable[:count])
             return [m for i, m in enumerate(messages) if i not in gone]
 
-        shortest = self._encode(without(len(removable)), **options) if removable else ids
-        if len(shortest) > budget:
+        def too_long(tokens: int) -> ConfigError:
             parts = ["the last message"]
             if any(m["role"] == "system" for m in messages[:-1]):
                 parts.append("the system message")
             if options.get("tools"):
                 parts.append("the tool definitions")
             what = " alone" if len(parts) == 1 else " with " + " and ".join(parts[1:])
-            raise ConfigError(
-                f"the last message{what} is {len(shortest)} tokens, more than the {budget} the context "
+            return ConfigError(
+                f"the last message{what} is {tokens} tokens, more than the {budget} the context "
                 "window leaves; shorten it or lower max_new_tokens"
             )
+
+        def encoded(count: int) -> list[int] | None:
+            try:
+                return self._encode(without(count), **options)
+            except ConfigError:
+                return None  # the template refused this cut (Qwen3's wants a user message)
+
+        if not removable:
+            raise too_long(len(ids))
+        shortest = encoded(len(removable))
+        if shortest is not None and len(shortest) > budget:
+            raise too_long(len(shortest))
         # invariant: dropping `high` turns fits and `fitting` is that prompt; dropping fewer than `low` does not fit
         low, high, fitting = 1, len(removable), shortest
-        while low < high:
+        while fitting is not None and low < high:
             middle = (low + high) // 2
-            candidate = self._encode(without(middle), **options)
-            if len(candidate) <= budget:
+            candidate = encoded(middle)
+            if candidate is None:
+                fitting = None
+            elif len(candidate) <= budget:
                 high, fitting = middle, candidate
             else:
                 low = middle + 1
+        if fitting is None:  # a cut was refused: one turn at a time, as before (a refusal on the way is the answer)
+            for high in range(1, len(removable) + 1):
+                fitting = self._encode(without(high), **options)
+                if len(fitting) <= budget:
+                    break
+            else:
+                raise too_long(len(fitting))
         log.warning(
             "conversation too long for the %d-token context: dropped the %d oldest message(s)",
             self.model.context_window,
