@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 BOOK_PATH = "/chat"
 API_PREFIXES = ("/v1/", BOOK_PATH)
 DOCS_ASSETS = "/docs-assets"
-GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a smaller temperature samples as greedy
-LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
 
 
 @dataclass
@@ -226,8 +224,6 @@ class ChatService:
         for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
             if getattr(req, name, None) is not None:
                 out[name] = getattr(req, name)
-        if 0 < out.get("temperature", 1) < GREEDY_BELOW:
-            out["temperature"] = 0.0  # logits / 1e-195 overflow to inf (NaN probabilities): greedy, as vLLM does
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(req, name, 0):
                 out[name] = getattr(req, name)
@@ -360,19 +356,15 @@ def _finish(reason: str, tool_calls: bool = False) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _lp(value: float) -> float:
-    return max(float(value), LOGPROB_FLOOR)
-
-
 def _chat_logprobs(tokens, top: int) -> dict:
     """TokenLogprobs -> OpenAI's `choices[].logprobs` (content[]: token, logprob, bytes, top_logprobs[])."""
     return {
         "content": [
             {
                 "token": t.token,
-                "logprob": _lp(t.logprob),
+                "logprob": t.logprob,
                 "bytes": list(t.bytes),
-                "top_logprobs": [{"token": s, "logprob": _lp(v), "bytes": list(b)} for s, v, b in t.top[:top]],
+                "top_logprobs": [{"token": s, "logprob": v, "bytes": list(b)} for s, v, b in t.top[:top]],
             }
             for t in tokens
         ],
@@ -398,9 +390,9 @@ def _legacy_logprobs(tokens, top: int, offset: int) -> dict:
     for t in tokens:
         token = _legacy_token(t.token, t.bytes)
         out["tokens"].append(token)
-        out["token_logprobs"].append(_lp(t.logprob))
-        best = {_legacy_token(s, b): _lp(v) for s, v, b in t.top[:top]}
-        best.setdefault(token, _lp(t.logprob))
+        out["token_logprobs"].append(t.logprob)
+        best = {_legacy_token(s, b): v for s, v, b in t.top[:top]}
+        best.setdefault(token, t.logprob)
         out["top_logprobs"].append(best)
         out["text_offset"].append(offset)
         offset += len(text_of(bytes(t.bytes)))
