@@ -32,10 +32,20 @@ def calibration_images(train_ds: ImageDataset, seed: int) -> torch.Tensor | None
 
 
 def calibrate(
-    model, *, train_ds: ImageDataset, val_ds: ImageDataset, classes: list[str], mean, std, seed: int, arch: str = ""
+    model,
+    *,
+    train_ds: ImageDataset,
+    val_ds: ImageDataset,
+    classes: list[str],
+    mean,
+    std,
+    seed: int,
+    arch: str = "",
+    tta: bool = False,
 ) -> tuple[dict[str, float], torch.Tensor | None]:
     """Validation accuracy of `model` (fp32, on the CPU, eval mode) in fp32, bf16 (native only) and int8, and the
-    calibration images int8 used: ({"val_acc_fp32": ..., "val_acc_bf16": ..., "val_acc_int8": ...}, images)."""
+    calibration images int8 used: ({"val_acc_fp32": ..., "val_acc_bf16": ..., "val_acc_int8": ...}, images).
+    `tta`: score with test-time flip, as the run validated and as predictors of its checkpoint will run."""
     import torch
 
     cpu = torch.device("cpu")
@@ -44,7 +54,15 @@ def calibrate(
 
     def accuracy(m, precision: Precision, channels_last: bool = True) -> float:
         return evaluate(
-            m, loader, classes=classes, device=cpu, precision=precision, channels_last=channels_last, mean=mean, std=std
+            m,
+            loader,
+            classes=classes,
+            device=cpu,
+            precision=precision,
+            channels_last=channels_last,
+            mean=mean,
+            std=std,
+            tta=tta,
         ).accuracy
 
     folded = fold_batchnorm(model)

@@ -59,21 +59,46 @@ class EvalResult:
         }
 
 
-def run_model(
-    model, batch_uint8, device, precision: Precision, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD
-):
-    """Normalize a uint8 batch on `device` and return float32 logits (the one forward used everywhere)."""
+def prepare_batch(batch_uint8, device, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """A uint8 batch as the normalized float tensor the model takes, on `device`."""
     import torch
 
     x = normalize_batch(batch_uint8.to(device, non_blocking=True), mean, std)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def forward(model, x, device, precision: Precision, tta: bool = False):
+    """float32 logits of a prepared batch; with `tta` (test-time flip) the mean of the logits of the batch and of
+    its mirror image, the cheapest test-time augmentation and the one that never hurts a cat or a dog."""
     with autocast(device, precision):
-        return model(x).float()
+        if not tta:
+            return model(x).float()
+        return (model(x).float() + model(x.flip(3)).float()) / 2
+
+
+def run_model(
+    model,
+    batch_uint8,
+    device,
+    precision: Precision,
+    channels_last: bool,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    tta: bool = False,
+):
+    """Normalize a uint8 batch on `device` and return float32 logits (the one forward used everywhere)."""
+    return forward(model, prepare_batch(batch_uint8, device, channels_last, mean, std), device, precision, tta)
 
 
 def infer_logits(
-    model, batch_uint8, device, precision: Precision, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    model,
+    batch_uint8,
+    device,
+    precision: Precision,
+    channels_last: bool,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    tta: bool = False,
 ):
     """`run_model` for inference (eval mode, no gradients): the batch in chunks of the size the device runs
     fastest (see `device.inference_chunk_size`); the same logits as one forward of the whole batch, up to rounding."""
@@ -81,9 +106,9 @@ def infer_logits(
 
     chunk = inference_chunk_size(device) or len(batch_uint8)
     if len(batch_uint8) <= chunk:
-        return run_model(model, batch_uint8, device, precision, channels_last, mean, std)
+        return run_model(model, batch_uint8, device, precision, channels_last, mean, std, tta)
     parts = batch_uint8.split(chunk)
-    return torch.cat([run_model(model, part, device, precision, channels_last, mean, std) for part in parts])
+    return torch.cat([run_model(model, part, device, precision, channels_last, mean, std, tta) for part in parts])
 
 
 def evaluate(
@@ -98,8 +123,10 @@ def evaluate(
     std=IMAGENET_STD,
     on_batch=None,
     keep_predictions: bool = False,
+    tta: bool = False,
 ):
-    """Loss and confusion matrix of `model` over `loader`; optionally the (index, probabilities) of each sample."""
+    """Loss and confusion matrix of `model` over `loader`; optionally the (index, probabilities) of each sample.
+    `tta`: score each image by the mean logits of it and its mirror image (as the run that made the model did)."""
     import torch
     import torch.nn.functional as F
 
@@ -114,7 +141,7 @@ def evaluate(
             if batch is None:
                 continue
             images, labels, indices = batch
-            logits = infer_logits(model, images, device, precision, channels_last, mean, std).cpu()
+            logits = infer_logits(model, images, device, precision, channels_last, mean, std, tta).cpu()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             predicted = logits.argmax(1)
             confusion += torch.bincount(labels * k + predicted, minlength=k * k).view(k, k)
@@ -140,6 +167,11 @@ class CheckpointEvaluation:
     @property
     def description(self) -> str:
         return self.images.description
+
+    @property
+    def tta(self) -> bool:
+        """Whether each image was scored with its mirror image (test-time flip), as the training run validated."""
+        return bool(self.checkpoint.config.get("tta"))
 
 
 def evaluate_checkpoint(
@@ -209,5 +241,6 @@ def evaluate_checkpoint(
         mean=ckpt.mean,
         std=ckpt.std,
         on_batch=on_batch,
+        tta=bool(ckpt.config.get("tta")),  # score as the training run's final validation did
     )
     return CheckpointEvaluation(result=result, checkpoint=ckpt, images=images, skipped_files=ds.corrupt_files())

@@ -145,7 +145,8 @@ def export_classifier(
 
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
-    model = _probability_model(build_model_from_checkpoint(ckpt))
+    # A checkpoint trained with --tta (the scratch recipe) is exported with its test-time flip, as it predicts.
+    model = _probability_model(build_model_from_checkpoint(ckpt), flip=bool(ckpt.config.get("tta")))
     meta = ExportMetadata.from_checkpoint(ckpt, source=str(checkpoint))
     if fmt == "onnx":
         _write_onnx(model, meta, out)
@@ -179,8 +180,9 @@ def read_onnx_metadata(path: str | Path) -> ExportMetadata:
     return ExportMetadata.from_dict({p.key: p.value for p in proto.metadata_props}, path)
 
 
-def _probability_model(model):
-    """The model with its softmax: every runtime then returns the same probabilities `catdog predict` shows."""
+def _probability_model(model, flip: bool = False):
+    """The model with its softmax (and, with `flip`, the mean logits of each image and its mirror image, as
+    `evaluate.forward` does): every runtime then returns the same probabilities `catdog predict` shows."""
     import torch
 
     class ProbabilityModel(torch.nn.Module):
@@ -189,7 +191,10 @@ def _probability_model(model):
             self.classifier = classifier
 
         def forward(self, image):
-            return self.classifier(image).softmax(dim=1)
+            logits = self.classifier(image)
+            if flip:
+                logits = (logits + self.classifier(image.flip(3))) / 2
+            return logits.softmax(dim=1)
 
     return ProbabilityModel(model).eval()
 

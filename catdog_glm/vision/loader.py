@@ -55,7 +55,7 @@ class ImageDataset:
         image_size: int,
         *,
         cache: bool = False,
-        augment: Callable | None = None,
+        augment: Callable | None = None,  # augment(image, epoch) -> image, e.g. transforms.TrainAugment
         seed: int = 0,
         substitute_corrupt: bool = False,
     ):
@@ -135,7 +135,7 @@ class ImageDataset:
             # workers and after a resume, which restarts workers with fresh RNGs.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((self.seed * 1_000_003 + int(self.epoch) * 100_003 + i) % 2**63)
-                image = self.augment(image)
+                image = self.augment(image, int(self.epoch))
         return image, self.samples[i].label, i
 
     def corrupt_files(self) -> list[str]:

@@ -166,6 +166,8 @@ class Predictor(BasePredictor):
             self.model = fold_batchnorm(model).to(self.device).to(memory_format=torch.channels_last)
             self.precision = resolve_precision(self.device, self.mode)
             self.channels_last = True
+        # A model trained with test-time flip (the scratch recipe) predicts as its validation scored it.
+        self.tta = bool((checkpoint.config or {}).get("tta"))
         self._lock = threading.Lock()  # one forward at a time: threads would only fight over the cores
 
     def _choose_mode(self, requested: str) -> str:
@@ -219,6 +221,7 @@ class Predictor(BasePredictor):
                 channels_last=self.channels_last,
                 mean=self.checkpoint.mean,
                 std=self.checkpoint.std,
+                tta=self.tta,
             )
             return logits.softmax(1).cpu()
 

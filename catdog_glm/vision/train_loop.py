@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from catdog_glm.device import Precision
-from catdog_glm.vision.evaluate import EvalResult, evaluate, run_model
+from catdog_glm.vision.evaluate import EvalResult, evaluate, forward, prepare_batch
 from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -36,10 +36,19 @@ def train_one_epoch(
     channels_last: bool,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
+    mixer=None,
+    label_smoothing: float = 0.0,
+    ema=None,
+    step: int = 0,
     on_step: Callable[[float, int], None] | None = None,
 ) -> EpochStats:
     """One pass over `loader`: forward, cross-entropy, backward, optimizer step. `on_step(loss, images)` after each
-    step; a batch whose every file was unreadable reports (nan, 0) and is skipped."""
+    step; a batch whose every file was unreadable reports (nan, 0) and is skipped.
+
+    `mixer` (transforms.BatchMixer) turns labels into soft targets, mixing the batch's images by mixup or cutmix;
+    `label_smoothing` as in F.cross_entropy; `ema` (timm's ModelEmaV3) is updated after every optimizer step, its
+    decay warming up with the run's step count (`step`: optimizer steps taken before this epoch).
+    """
     import torch.nn.functional as F
 
     model.train()
@@ -51,12 +60,19 @@ def train_one_epoch(
             continue
         images, labels, _ = batch
         labels = labels.to(device, non_blocking=True)
-        logits = run_model(model, images, device, precision, channels_last, mean, std)
-        loss = F.cross_entropy(logits, labels)
+        x = prepare_batch(images, device, channels_last, mean, std)
+        target = labels
+        if mixer is not None:
+            x, target = mixer(x, labels)  # mixing normalized images is mixing pixels: the normalization is affine
+        logits = forward(model, x, device, precision)
+        loss = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        step += 1
+        if ema is not None:
+            ema.update(getattr(model, "module", model), step=step)  # the weights, not the DDP wrapper
         value = float(loss.detach())
         loss_sum += value * len(labels)
         seen += len(labels)
@@ -78,6 +94,7 @@ def validate(
     world_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
     keep_predictions: bool = False,
+    tta: bool = False,
 ) -> tuple[EvalResult, list]:
     """Loss and confusion matrix over `loader` (and, if asked, each sample's (index, probabilities)).
 
@@ -97,6 +114,7 @@ def validate(
         std=std,
         on_batch=on_batch,
         keep_predictions=keep_predictions,
+        tta=tta,
     )
     result, predictions = out if keep_predictions else (out, [])
     if world_size > 1:

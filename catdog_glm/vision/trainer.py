@@ -36,7 +36,7 @@ from catdog_glm.vision.saver import CheckpointSaver
 from catdog_glm.vision.state_dict import remove_stale_temp_files, write_atomic
 from catdog_glm.vision.tracking import Tracker, build_tracker
 from catdog_glm.vision.train_loop import train_one_epoch, validate
-from catdog_glm.vision.transforms import build_augment, normalization_for
+from catdog_glm.vision.transforms import BatchMixer, TrainAugment, normalization_for
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,12 @@ def _open_run(cfg: TrainConfig, output: Path) -> ClassifierCheckpoint | None:
     return saved
 
 
+def saved_run_config(output: str | Path) -> dict | None:
+    """The config the run in `output` was started with (from its last.pt), or None when there is no run there."""
+    last_path = Path(output) / LAST_NAME
+    return load_checkpoint(last_path).config if last_path.is_file() else None
+
+
 # ---- set-up ---------------------------------------------------------------------------------------------------
 @dataclass
 class TrainData:
@@ -252,7 +258,7 @@ def build_data(cfg: TrainConfig, d: _Dist, device, on_message: Callable[[str], N
             f"{cache_bytes(total, cfg.image_size) / 2**30:.1f} GiB, more than half the free memory"
         )
         on_message(f"RAM cache {note}; training without it")
-    augment = build_augment(cfg.image_size) if cfg.augment else None
+    augment = TrainAugment.from_config(cfg)
     train_ds = ImageDataset(
         train, cfg.image_size, cache=use_cache, augment=augment, seed=cfg.seed, substitute_corrupt=True
     )
@@ -302,37 +308,76 @@ class TrainState:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     pretrained_note: str
+    ema: object = None  # timm ModelEmaV3 when --ema: its weights are the ones validated and saved
+    mixer: object = None  # transforms.BatchMixer when --mixup/--cutmix
     start_epoch: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
 
+    @property
+    def eval_model(self):
+        """The weights the run validates and saves: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def _decay_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: no weight decay on norm weights and biases (1-d tensors), as timm and most recipes."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_schedule(schedule: str, epochs: int, warmup_epochs: int = 0) -> Callable[[int], float]:
+    """The learning-rate factor of each epoch: a linear warmup over `warmup_epochs`, then cosine decay over the rest
+    (closed form, not CosineAnnealingLR's recursive one: resuming with a larger --epochs stretches the curve instead
+    of restarting the decay from a near-zero rate) or constant, as in the book."""
+
+    def factor(e: int) -> float:
+        if e < warmup_epochs:
+            return (e + 1) / (warmup_epochs + 1)
+        if schedule != "cosine":
+            return 1.0
+        span = max(1, epochs - warmup_epochs)
+        return 0.5 * (1 + math.cos(math.pi * min(e - warmup_epochs, span) / span))
+
+    return factor
+
 
 def build_state(cfg: TrainConfig, num_classes: int, device, precision: Precision, d: _Dist) -> TrainState:
-    """The model (start weights loaded unless resuming), Adam, the learning-rate schedule and the grad scaler."""
+    """The model (start weights loaded unless resuming), the optimizer, the learning-rate schedule, the grad
+    scaler, and the weight average and batch mixer where the recipe asks for them."""
     import torch
 
     model = build_model(cfg.arch, num_classes)
     mean, std = normalization_for(cfg.arch)  # what its weights expect; recorded in checkpoints
     note = "from checkpoint" if cfg.resume else load_pretrained(model, cfg.arch, cfg.pretrained)
     model = prepare_for_device(model, device, cfg.channels_last)
+    fused = device.type in ("cpu", "cuda")  # the fused Adam kernels are the fastest on both
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=cfg.lr, fused=fused)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    factor = lr_schedule(cfg.schedule, cfg.epochs, cfg.warmup_epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
+    ema = None
+    if cfg.ema:
+        from timm.utils.model_ema import ModelEmaV3
+
+        # Warmup: the decay grows with the step count toward cfg.ema, so short runs average over their own steps
+        # rather than stay near the random start. Made before the DDP wrapper, as timm advises.
+        ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True, warmup_power=0.75)
     ddp_model = model
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fused = device.type in ("cpu", "cuda")  # the fused Adam kernel is the fastest on both
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused)
-    # Closed-form cosine (not CosineAnnealingLR's recursive one): resuming with a larger --epochs
-    # stretches the curve instead of restarting the decay from a near-zero learning rate.
-    epochs = cfg.epochs
-
-    def cosine(e: int) -> float:
-        return 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
-
-    factor = cosine if cfg.schedule == "cosine" else (lambda e: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
-    return TrainState(model, ddp_model, optimizer, scheduler, scaler, factor, mean, std, note)
+    mixer = None
+    if cfg.mixup or cfg.cutmix:
+        mixer = BatchMixer(num_classes, mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mix_prob)
+    return TrainState(model, ddp_model, optimizer, scheduler, scaler, factor, mean, std, note, ema, mixer)
 
 
 def _resume(saved: ClassifierCheckpoint, state: TrainState, saver: CheckpointSaver, cfg: TrainConfig, classes) -> str:
@@ -343,8 +388,17 @@ def _resume(saved: ClassifierCheckpoint, state: TrainState, saver: CheckpointSav
             f"--resume: {saver.last_path} is a {saved.arch} over {saved.classes}, but this run "
             f"asks for {cfg.arch} over {classes}; use the same --arch and --data"
         )
-    state.model.load_state_dict(saved.model_state)
-    state.optimizer.load_state_dict(ts["optimizer"])
+    raw = ts.get("raw_model")  # with --ema, last.pt's model is the average and this the weights being trained
+    state.model.load_state_dict(raw if raw is not None else saved.model_state)
+    if state.ema is not None:
+        state.ema.module.load_state_dict(saved.model_state if raw is not None else state.model.state_dict())
+    try:
+        state.optimizer.load_state_dict(ts["optimizer"])
+    except ValueError as e:  # e.g. Adam's one parameter group against AdamW's two
+        raise ConfigError(
+            f"--resume: the optimizer state in {saver.last_path} does not fit --optimizer {cfg.optimizer} ({e}); "
+            "resume with the options the run was started with"
+        ) from e
     state.scheduler.load_state_dict(ts["scheduler"])
     state.scaler.load_state_dict(ts["scaler"])
     state.start_epoch, state.step = int(ts["epoch"]), int(ts["step"])
@@ -388,10 +442,10 @@ class _Run:
     tracker: Tracker
     cb: TrainCallbacks
 
-    def validate(self, keep_predictions: bool = False):
+    def validate(self, model, keep_predictions: bool = False, tta: bool = False):
         self.cb.on_validate_start(len(self.data.val_ds) // self.d.world)
         return validate(
-            self.state.model,
+            model,
             self.data.val_loader,
             classes=self.data.classes,
             device=self.device,
@@ -402,6 +456,7 @@ class _Run:
             world_size=self.d.world,
             on_batch=self.cb.on_validate_batch,
             keep_predictions=keep_predictions,
+            tta=tta,
         )
 
 
@@ -430,11 +485,15 @@ def _fit(run: _Run) -> bool:
             channels_last=cfg.channels_last,
             mean=state.mean,
             std=state.std,
+            mixer=state.mixer,
+            label_smoothing=cfg.label_smoothing,
+            ema=state.ema,
+            step=state.step,
             on_step=on_step,
         )
         lr = state.optimizer.param_groups[0]["lr"]
         state.scheduler.step()
-        val, _ = run.validate()
+        val, _ = run.validate(state.eval_model)
         improved = saver.observe(val.accuracy, epoch + 1)
         row = {
             "epoch": epoch + 1,
@@ -460,8 +519,10 @@ def _fit(run: _Run) -> bool:
             "history": state.history,
             "rng": _rng_state(),
         }
+        if state.ema is not None:
+            training_state["raw_model"] = state.model.state_dict()
         saver.save(
-            state.model,
+            state.eval_model,
             epoch=epoch + 1,
             metrics={"val_acc": row["val_acc"], "val_loss": row["val_loss"]},
             improved=improved,
@@ -483,7 +544,9 @@ def _finish(run: _Run, started: float, stopped_early: bool) -> TrainResult:
     best = saver.best_weights()
     if best is not None:
         state.model.load_state_dict(best)
-    result, predictions = run.validate(keep_predictions=True)
+    # With --tta the final score (test_acc, and what eval and predict will do) averages each image and its mirror
+    # image; the per-epoch validation does not, as it only tracks progress and would cost twice the time.
+    result, predictions = run.validate(state.model, keep_predictions=True, tta=cfg.tta)
     corrupt = sorted(set(data.train_ds.corrupt_files()) | set(data.val_ds.corrupt_files()))
     inference: dict[str, float] = {}
     if run.d.main:
@@ -510,6 +573,7 @@ def _finish(run: _Run, started: float, stopped_early: bool) -> TrainResult:
                 std=state.std,
                 seed=cfg.seed,
                 arch=cfg.arch,
+                tta=cfg.tta,
             )
             run.tracker.log(inference, step=state.step)
             saver.add_to_best(metrics=inference, calibration=calibration)
@@ -599,6 +663,7 @@ def train(cfg: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainRes
                 "pretrained": state.pretrained_note,
                 "world_size": d.world,
                 "arch": cfg.arch,
+                "recipe": cfg.recipe,
                 "start_epoch": state.start_epoch,
             }
         )
