@@ -15,7 +15,8 @@ from catdog_glm.cli._common import AmpOption, CheckpointOption, console, legacy_
 
 def _header(evaluation, checkpoint: Path) -> str:
     skipped = len(evaluation.skipped_files)
-    return f"{checkpoint} scored on {evaluation.result.n} images: {evaluation.description}" + (
+    flip = " (each image and its mirror image: the run trained with --tta)" if evaluation.tta else ""
+    return f"{checkpoint} scored on {evaluation.result.n} images{flip}: {evaluation.description}" + (
         f" ({skipped} unreadable file(s) skipped)" if skipped else ""
     )
 
@@ -114,6 +115,7 @@ def evaluate(
         )
     if json_output:
         scored = {"data": str(images.root), "split": images.split, "scored": images.description}
+        scored["tta"] = evaluation.tta
         payload = result.to_dict() | scored | {"checkpoint": str(path), "skipped_files": evaluation.skipped_files}
         typer.echo(json.dumps(payload))
         return

@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from catdog_glm.cli._common import AmpOption, console, legacy_precision, user_errors
-from catdog_glm.config import TrainConfig
+from catdog_glm.config import TrainConfig, apply_recipe, resume_options
 
 D = TrainConfig()  # the defaults, shown in --help
 
@@ -52,6 +52,7 @@ class RichTrainCallbacks:
             f"{info['val_images']} val images, classes {', '.join(info['classes'])}\n"
             f"device {info['device']} · precision {info['precision']} · channels_last {info['channels_last']} · "
             f"cache {info['cache']} · workers {info['workers']} · weights {info['pretrained']}"
+            + (f" · recipe {info['recipe']}" if info.get("recipe", "book") != "book" else "")
             + (f" · {info['world_size']} processes" if info["world_size"] > 1 else "")
             + resumed,
             highlight=False,
@@ -125,6 +126,7 @@ def _summary(result) -> Table:
 
 @user_errors
 def train(
+    ctx: typer.Context,
     data: Annotated[
         str,
         typer.Option(
@@ -134,7 +136,7 @@ def train(
     ] = D.data,
     epochs: Annotated[int, typer.Option(help="Number of epochs.")] = D.epochs,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = D.batch_size,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = D.lr,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = D.lr,
     image_size: Annotated[int, typer.Option(help="Images are resized to SIZE x SIZE.")] = D.image_size,
     arch: Annotated[
         str,
@@ -195,6 +197,48 @@ def train(
     patience: Annotated[
         int, typer.Option(help="Early stopping after N epochs without a better val accuracy (0 = off).")
     ] = D.patience,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="Preset for every option not given: book (fine-tuning, the defaults shown here), scratch (random "
+            "weights: resnet18, 112 -> 160 px crops scored at 192 px, 80 epochs, AdamW, augmentation, mixup/cutmix, "
+            "EMA, test-time flip; see the README) or auto (scratch with --pretrained none, else book)."
+        ),
+    ] = "auto",
+    optimizer: Annotated[str, typer.Option(help="adam (the book) or adamw.")] = D.optimizer,
+    weight_decay: Annotated[
+        float, typer.Option(help="Weight decay (AdamW: not on norms and biases).")
+    ] = D.weight_decay,
+    warmup_epochs: Annotated[int, typer.Option(help="Linear learning-rate warmup over the first N epochs.")] = (
+        D.warmup_epochs
+    ),
+    ema: Annotated[
+        float, typer.Option(help="Keep an exponential moving average of the weights with this decay; 0 = off.")
+    ] = D.ema,
+    crop_scale: Annotated[float, typer.Option(help="With --augment: smallest share of an image a crop keeps.")] = (
+        D.crop_scale
+    ),
+    auto_augment: Annotated[
+        str, typer.Option(help="none, trivial (TrivialAugmentWide) or randaugment, after crop and flip.")
+    ] = D.auto_augment,
+    random_erasing: Annotated[float, typer.Option(help="Probability of blanking a random box of each image.")] = (
+        D.random_erasing
+    ),
+    train_size: Annotated[
+        int, typer.Option(help="Train at this size, validate and predict at --image-size (0 = the same).")
+    ] = D.train_size,
+    progressive_from: Annotated[
+        int, typer.Option(help="Progressive resizing: start at this size, grow to the training size; 0 = off.")
+    ] = D.progressive_from,
+    mixup: Annotated[float, typer.Option(help="Mixup Beta alpha (0 = off).")] = D.mixup,
+    cutmix: Annotated[float, typer.Option(help="CutMix Beta alpha (0 = off); with --mixup, one per batch.")] = (
+        D.cutmix
+    ),
+    mix_prob: Annotated[float, typer.Option(help="Share of batches mixed by --mixup/--cutmix.")] = D.mix_prob,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = D.label_smoothing,
+    tta: Annotated[
+        bool, typer.Option("--tta/--no-tta", help="Test-time flip in validation (and later eval/predict).")
+    ] = D.tta,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
@@ -202,7 +246,7 @@ def train(
 
     Example: catdog train --data ../shared/data/catdog --epochs 1 --arch resnet18 --image-size 128 --pretrained none
     """
-    from catdog_glm.vision.trainer import RunComplete
+    from catdog_glm.vision.trainer import RunComplete, saved_run_config
     from catdog_glm.vision.trainer import train as run_training
 
     cfg = TrainConfig(
@@ -234,7 +278,28 @@ def train(
         schedule=schedule,
         patience=patience,
         progress=progress,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        ema=ema,
+        crop_scale=crop_scale,
+        auto_augment=auto_augment,
+        random_erasing=random_erasing,
+        train_size=train_size,
+        progressive_from=progressive_from,
+        mixup=mixup,
+        cutmix=cutmix,
+        mix_prob=mix_prob,
+        label_smoothing=label_smoothing,
+        tta=tta,
     )
+    # What the user typed always wins over the recipe. (typer vendors click: compare the source by name.)
+    given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") != "DEFAULT"}
+    saved = saved_run_config(output) if resume else None
+    if saved is not None:  # --resume goes on with the run's own options, the recipe's included
+        resume_options(cfg, saved, given)
+    else:
+        apply_recipe(cfg, recipe, given)
     try:
         result = run_training(cfg, RichTrainCallbacks(enabled=progress))  # the trainer closes the progress bars
     except RunComplete as done:  # --resume on a finished run: nothing to do, and not an error
