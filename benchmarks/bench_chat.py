@@ -1,8 +1,9 @@
 """Chat speed on the embedded SmolLM2-135M-Instruct: load time, time to first token, decode tokens/s, peak RSS.
 
 Each configuration runs in its own process (so peak RSS is its own): transformers' plain `generate()` in bf16
-as the naive baseline, then catdog's ChatEngine in bf16, int8 and int4 weight-only. Same prompt, greedy, same
-number of new tokens, same machine, one run.
+as the naive baseline, then catdog's ChatEngine in bf16, int8 and int4 weight-only, the quantized ones both with
+catdog's CPU kernels and with torch's (CATDOG_KERNELS=0). Same prompt, greedy, same number of new tokens, same
+machine, one run.
 
     python benchmarks/bench_chat.py [--new-tokens 64]
 """
@@ -31,7 +32,8 @@ QUALITY_PROMPTS = [
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-mode, new_tokens = sys.argv[2], int(sys.argv[3])
+mode, new_tokens = sys.argv[2].removesuffix("-torch"), int(sys.argv[3])
+kernels_mode = sys.argv[2]
 prompt = json.loads(sys.argv[4])
 import torch
 from catdog_glm.chat.loading import load_chat_model
@@ -79,7 +81,7 @@ if mode in ("int8", "int4"):  # quality: greedy next-token agreement with the un
         sequences.append(cont)
         starts.append(len(ids))
     agreement = greedy_agreement(reference.model.model, chat.model, sequences, starts)
-print(json.dumps({"mode": mode, "load_s": load_s, "ttft_ms": ttft * 1e3, "decode_tps": decode, "tokens": n,
+print(json.dumps({"mode": kernels_mode, "load_s": load_s, "ttft_ms": ttft * 1e3, "decode_tps": decode, "tokens": n,
                   "peak_rss_mib": rss, "weight_mib": weights / 2**20, "agreement": agreement}))
 """
 
@@ -89,7 +91,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     results = []
-    for mode in ("generate", "bf16", "int8", "int4"):
+    import os
+
+    from catdog_glm.chat import kernels
+
+    status = kernels.status()
+    print(f"CPU: {status['cpu']}; catdog kernel path: {status['path'] or 'none (' + str(status['why_not']) + ')'}")
+    for mode in ("generate", "bf16", "int8-torch", "int8", "int4-torch", "int4"):
+        env = dict(os.environ, CATDOG_KERNELS="0" if mode.endswith("-torch") else "1")
         done = subprocess.run(
             [
                 sys.executable,
@@ -103,6 +112,7 @@ def main() -> None:
             ],
             capture_output=True,
             text=True,
+            env=env,
         )
         if done.returncode != 0:
             print(f"{mode}: failed\n{done.stderr[-2000:]}")
@@ -116,8 +126,10 @@ def main() -> None:
     names = {
         "generate": "transformers generate() bf16",
         "bf16": "catdog engine bf16",
-        "int8": "catdog engine int8",
-        "int4": "catdog engine int4",
+        "int8-torch": "catdog int8, torch kernel",
+        "int8": "catdog int8, own kernel",
+        "int4-torch": "catdog int4, torch kernel",
+        "int4": "catdog int4, own kernel",
     }
     for r in results:
         agreement = f"{r['agreement']:.1%}" if r["agreement"] is not None else "-"
@@ -134,6 +146,11 @@ def main() -> None:
                     f"ratio {names[r['mode']]:22s} decode {r['decode_tps'] / base['decode_tps']:.2f}x vs generate()"
                     + (f", weights {r['weight_mib'] / bf16['weight_mib']:.2f}x of bf16" if bf16 else "")
                 )
+    by_mode = {r["mode"]: r for r in results}
+    for bits in ("int8", "int4"):
+        if bits in by_mode and f"{bits}-torch" in by_mode:
+            ratio = by_mode[bits]["decode_tps"] / by_mode[f"{bits}-torch"]["decode_tps"]
+            print(f"ratio {bits} own kernel vs torch's kernel: decode {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,13 @@ requires_shared_data = pytest.mark.skipif(
 def _isolated_home(tmp_path_factory):
     """Keep torch hub, SwanLab, matplotlib and the model cache out of the user's home, for the whole session
     (session- and module-scoped fixtures load models before any function-scoped fixture could run)."""
+    from catdog_glm.chat.kernels import kernels_root
+
     home = tmp_path_factory.getbasetemp() / "home"
     home.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
+        # the CPU kernels `make install` built stay in use (subprocesses too): building them takes half a minute
+        mp.setenv("CATDOG_KERNELS_DIR", str(kernels_root()))
         mp.setenv("TORCH_HOME", str(home / "torch"))
         mp.setenv("SWANLAB_ROOT", str(home / "swanlab"))
         mp.setenv("MPLCONFIGDIR", str(home / "mpl"))

@@ -340,8 +340,8 @@ def _place(model, name: str, value, dtype, quantize: int | None, device) -> None
     module = model.get_submodule(module_name)
     embedding = isinstance(module, nn.Embedding) and device.type == "cpu"  # on CUDA, bitsandbytes keeps it dense
     if quantize and leaf == "weight" and (isinstance(module, nn.Linear) or embedding):
-        if embedding:
-            replacement = q.Int8Embedding.quantize(value, dtype)
+        if embedding:  # ChatGLM3's input and output tables are separate
+            replacement = q.embedding_kind(quantize, module.embedding_dim, tied=False).quantize(value, dtype)
         else:
             bias = module.bias if module.bias is not None and not module.bias.is_meta else None
             head = module_name == "lm_head"

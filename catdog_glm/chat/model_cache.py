@@ -17,26 +17,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from catdog_glm.chat.cache_paths import cache_dir
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: catdog's int4 layout (chat/kernels) beside torch's
 SHARD_BYTES = 512 << 20  # safetensors' writer holds one shard's bytes in memory: keep that small beside the model
 META_FILE = "catdog-conversion.json"
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: $CATDOG_CACHE_DIR, else $XDG_CACHE_HOME/catdog-glm (~/.cache/catdog-glm)."""
-    if os.environ.get("CATDOG_CACHE_DIR"):
-        return Path(os.environ["CATDOG_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "catdog-glm"
 
 
 def conversion_key(files: list[Path], bits: int, dtype) -> str:
     import torch
 
-    from catdog_glm.chat.quantize import INT4_GROUP
+    from catdog_glm.chat.quantize import INT4_GROUP, catdog_kernels
 
-    parts = [f"v{FORMAT_VERSION}", f"int{bits}", f"g{INT4_GROUP}", str(dtype), torch.__version__]
+    layout = "catdog-q4" if catdog_kernels() else "torch-int4pack"  # which int4 layers the shell will be made of
+    parts = [f"v{FORMAT_VERSION}", f"int{bits}", f"g{INT4_GROUP}", layout, str(dtype), torch.__version__]
     for f in sorted(files):
         stat = f.stat()
         parts.append(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
@@ -91,9 +87,16 @@ def load_conversion(model, folder: Path) -> bool:
     shards = sorted(folder.glob("weights-*.safetensors"))
     if not (folder / META_FILE).is_file() or not shards:
         return False
-    expected = set(model.state_dict())
+    from catdog_glm.chat.quantize import expect_optional_buffers
+
     loaded: set[str] = set()
     try:
+        names: set[str] = set()
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as f:
+                names.update(f.keys())
+        expect_optional_buffers(model, names)
+        expected = set(model.state_dict())
         for shard in shards:
             with safe_open(str(shard), framework="pt") as f:
                 part = {name: _aligned(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 - not a dict
