@@ -32,9 +32,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import fullsize_chatglm3  # noqa: E402
 
 PREFILL_TOKENS = 256
-# What the issue measured on this machine type with llama-cpp-python 0.3.36, Q4_0, 2 threads (used when no GGUF is
-# given): load s, peak RSS GiB, weights GiB, decode tok/s, prefill tok/s.
-LLAMA_CPP_QUOTED = {"load_s": 3.0, "peak_rss_gib": 6.4, "weight_gib": 3.34, "decode_tok_s": 8.61, "prefill_tok_s": 23.8}
+# llama.cpp as measured on a quiet 2-core Intel Xeon (AVX-512 VNNI/BF16, AMX) on 2026-12-03 with llama-cpp-python
+# 0.3.36 built without AMX (see benchmarks/llama_cpp/), Q4_0, 2 threads, used when no GGUF is given: load s, peak RSS
+# GiB, weights GiB, decode tok/s, prefill tok/s. Pass --llama-gguf for a side-by-side run.
+LLAMA_CPP_QUOTED = {"load_s": 4.0, "peak_rss_gib": 6.41, "weight_gib": 3.34, "decode_tok_s": 4.22, "prefill_tok_s": 22.3}
 
 BANDWIDTH_CHILD = r"""
 import json, time, torch
@@ -81,7 +82,8 @@ decode = (reply.completion_tokens - 1) / max(time.perf_counter() - t - first_tok
 # where a decode step's time goes: a plain forward with transformers' cache, profiled per op (self CPU time)
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
-groups = {"int4 matmul": ("_weight_int4pack",), "int8 matmul": ("_weight_int8pack",),
+groups = {"int4 matmul": ("_weight_int4pack", "catdog::q4_linear"),
+          "int8 matmul": ("_weight_int8pack", "catdog::q8_linear"),
           "dense matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "attention": ("scaled_dot_product",)}
 with torch.inference_mode():
     cache = DynamicCache()
@@ -139,8 +141,8 @@ print(json.dumps({
 """
 
 
-def run_child(code: str, *args: str, python: str = sys.executable) -> dict:
-    out = subprocess.run([python, "-c", code, *args], capture_output=True, text=True)
+def run_child(code: str, *args: str, python: str = sys.executable, env: dict | None = None) -> dict:
+    out = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"benchmark child failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -185,11 +187,15 @@ def main() -> None:
     rows: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory() as cache:
         os.environ["CATDOG_CACHE_DIR"] = cache  # first loads convert, second loads read this run's conversions
-        for mode in args.modes.split(","):
-            first = run_child(CATDOG_CHILD, str(REPO), str(args.model), mode, "1", str(args.new_tokens), "256")
-            rows.append((f"catdog {mode}", first))
+        for label in args.modes.split(","):
+            # "int4-torch": the same layers with torch's kernels (CATDOG_KERNELS=0), in their own cache entry
+            mode = label.removesuffix("-torch")
+            env = dict(os.environ, CATDOG_KERNELS="0" if label.endswith("-torch") else "1")
+            child = (str(REPO), str(args.model), mode, "1", str(args.new_tokens), "256")
+            first = run_child(CATDOG_CHILD, *child, env=env)
+            rows.append((f"catdog {label}", first))
             if mode != "bf16":
-                cached = run_child(CATDOG_CHILD, str(REPO), str(args.model), mode, "1", str(args.new_tokens), "256")
+                cached = run_child(CATDOG_CHILD, *child, env=env)
                 assert cached["from_cache"], "the second load did not come from the conversion cache"
                 first["cached_load_s"] = cached["load_s"]
                 first["cached_peak_rss_gib"] = cached["peak_rss_gib"]
@@ -204,7 +210,12 @@ def main() -> None:
         rows.append(("llama.cpp Q4_0 (quoted)", dict(LLAMA_CPP_QUOTED)))
     reference = rows[-1][1]
 
-    print(f"\nChatGLM3-6B full size (random weights), {args.threads} threads; read bandwidth {bandwidth:.1f} GiB/s")
+    from catdog_glm.chat import kernels
+
+    status = kernels.status()
+    flags = " ".join(f for f in kernels.RELEVANT_FLAGS if f in kernels.cpu_flags())
+    print(f"\nCPU: {status['cpu']} ({flags}); catdog kernel path: {status['path'] or status['why_not']}")
+    print(f"ChatGLM3-6B full size (random weights), {args.threads} threads; read bandwidth {bandwidth:.1f} GiB/s")
     header = (
         f"{'':26} {'load s':>7} {'cached s':>8} {'peak GiB':>8} {'weights':>8} {'prefill/s':>9} {'decode/s':>9}"
         f" {'ceiling':>8} {'of ceil.':>8} {'vs llama':>8}"
@@ -229,7 +240,7 @@ def main() -> None:
             f"\nint4 vs llama.cpp: decode {int4['decode_tok_s'] / reference['decode_tok_s']:.2f}x, prefill "
             f"{int4['prefill_tok_s'] / reference['prefill_tok_s']:.2f}x; "
             f"peak load memory {int4['peak_rss_gib']:.2f} GiB "
-            f"(budget 6), cached load {int4.get('cached_load_s', float('nan')):.1f} s (budget 15)"
+            f"(budget 6), cached load {int4.get('cached_load_s', float('nan')):.1f} s (budget 5)"
         )
 
 

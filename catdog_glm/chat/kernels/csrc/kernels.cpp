@@ -33,6 +33,10 @@
 namespace catdog {
 
 constexpr int64_t kGroup = 32;
+// Trial scales for a group of weights: -(8 + step / 4) / max for step in -4..4 by this. Every other one (5 trials)
+// quantizes 6 billion weights in half the time of all 9 for 0.7% more squared error (measured: 0.00660 against
+// 0.00655 of the weights' energy on Gaussian weights; max -> -8 alone, as Q4_0: 0.0074).
+constexpr int kScaleStep = 2;
 // How far ahead of its loads a kernel asks for weight bytes: decode streams every weight from memory once, and the
 // hardware prefetcher alone left a core at 8 of its 13 GiB/s (measured on a 2-core Xeon; 4 KiB ahead: 8.0, 8 KiB:
 // 11.2, 16-32 KiB: 11.1).
@@ -286,6 +290,39 @@ static inline void q8_tile(const Activations& a, int64_t m0, const int8_t* row, 
       y[(m0 + i) * n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i][0], acc[r][i][1])) * sw[r];
 }
 
+// quantize_group_plain with two vectors per group: the 9 trial scales of 6 billion weights took 90 s in plain C++
+static float quantize_group(const float* g, int8_t* L) {
+  const __m512 a0 = _mm512_loadu_ps(g), a1 = _mm512_loadu_ps(g + 16);
+  const __m512 abs0 = _mm512_abs_ps(a0), abs1 = _mm512_abs_ps(a1);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(abs0, abs1));
+  std::memset(L, 0, kGroup);
+  if (amax == 0.f) return 0.f;
+  // the signed value of largest magnitude, the first one on a tie as the plain loop
+  const __mmask16 m0 = _mm512_cmp_ps_mask(abs0, _mm512_set1_ps(amax), _CMP_EQ_OQ);
+  const __mmask16 m1 = _mm512_cmp_ps_mask(abs1, _mm512_set1_ps(amax), _CMP_EQ_OQ);
+  const float max = m0 ? g[__builtin_ctz(m0)] : g[16 + __builtin_ctz(m1)];
+  const __m512 lo = _mm512_set1_ps(-8.f), hi = _mm512_set1_ps(7.f);
+  float best = -1.f, scale = 0.f;
+  __m512 keep0 = _mm512_setzero_ps(), keep1 = _mm512_setzero_ps();
+  for (int step = -4; step <= 4; step += kScaleStep) {
+    const __m512 iscale = _mm512_set1_ps(-(8.f + 0.25f * (float)step) / max);
+    const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 l0 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(a0, iscale), round), lo), hi);
+    const __m512 l1 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(a1, iscale), round), lo), hi);
+    const float sumlx = _mm512_reduce_add_ps(_mm512_fmadd_ps(a1, l1, _mm512_mul_ps(a0, l0)));
+    const float suml2 = _mm512_reduce_add_ps(_mm512_fmadd_ps(l1, l1, _mm512_mul_ps(l0, l0)));
+    if (suml2 > 0.f && sumlx * sumlx > best * suml2) {
+      best = sumlx * sumlx / suml2;
+      scale = sumlx / suml2;
+      keep0 = l0;
+      keep1 = l1;
+    }
+  }
+  _mm_storeu_si128((__m128i*)L, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(keep0)));
+  _mm_storeu_si128((__m128i*)(L + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(keep1)));
+  return scale;
+}
+
 // sum over blocks of min (fp16) x the block's activation sum: the asymmetric format's extra term for one row
 static float min_dot(const uint16_t* mins, const float* sums, int64_t nb) {
   __m512 acc = _mm512_setzero_ps();
@@ -491,6 +528,36 @@ static at::Tensor dequantize_q4_rows(const at::Tensor& qweight, const at::Tensor
 }
 
 // ---- quantization of weights: symmetric int4 per group, scale chosen for the least squared error --------------------
+// One group of 32, symmetric: as llama.cpp's make_qx_quants, a few reciprocal scales around max -> -8; for each, the
+// least-squares scale of its levels; keep the one that explains the most of the group (sum(xl)^2 / sum(l^2)).
+static float quantize_group_plain(const float* g, int8_t* L) {
+  float amax = 0.f, max = 0.f;
+  for (int t = 0; t < kGroup; ++t)
+    if (std::fabs(g[t]) > amax) amax = std::fabs(g[t]), max = g[t];
+  std::memset(L, 0, kGroup);
+  float scale = 0.f;
+  if (amax == 0.f) return scale;
+  float best = -1.f;
+  int8_t trial[kGroup];
+  for (int step = -4; step <= 4; step += kScaleStep) {
+    const float iscale = -(8.f + 0.25f * (float)step) / max;
+    float sumlx = 0.f, suml2 = 0.f;
+    for (int t = 0; t < kGroup; ++t) {
+      int l = (int)std::nearbyint(iscale * g[t]);
+      l = std::min(7, std::max(-8, l));
+      trial[t] = (int8_t)l;
+      sumlx += g[t] * (float)l;
+      suml2 += (float)(l * l);
+    }
+    if (suml2 > 0.f && sumlx * sumlx > best * suml2) {
+      best = sumlx * sumlx / suml2;
+      scale = sumlx / suml2;
+      std::memcpy(L, trial, kGroup);
+    }
+  }
+  return scale;
+}
+
 static void quantize_q4_row_asymmetric(const float* x, int64_t k, int8_t* levels, uint16_t* srow, uint16_t* mrow) {
   for (int64_t b = 0; b < k / kGroup; ++b) {
     const float* g = x + b * kGroup;
@@ -510,37 +577,10 @@ static void quantize_q4_row_asymmetric(const float* x, int64_t k, int8_t* levels
 static void quantize_q4_row(const float* x, int64_t k, uint8_t* row, uint16_t* srow, uint16_t* mrow) {
   std::vector<int8_t> levels(k);
   if (mrow) quantize_q4_row_asymmetric(x, k, levels.data(), srow, mrow);
+  const bool fast = current_isa() == kAvx512Vnni;
   for (int64_t b = 0; b < (mrow ? 0 : k / kGroup); ++b) {
-    const float* g = x + b * kGroup;
-    float amax = 0.f, max = 0.f;
-    for (int t = 0; t < kGroup; ++t)
-      if (std::fabs(g[t]) > amax) amax = std::fabs(g[t]), max = g[t];
-    int8_t* L = levels.data() + b * kGroup;
-    float scale = 0.f;
-    if (amax > 0.f) {
-      // as llama.cpp's make_qx_quants: a few reciprocal scales around max -> -8; for each, the least-squares scale
-      // of its levels; keep the one that explains the most of the group (sum(xl)^2 / sum(l^2))
-      float best = -1.f;
-      int8_t trial[kGroup];
-      for (int step = -4; step <= 4; ++step) {
-        const float iscale = -(8.f + 0.25f * (float)step) / max;
-        float sumlx = 0.f, suml2 = 0.f;
-        for (int t = 0; t < kGroup; ++t) {
-          int l = (int)std::nearbyint(iscale * g[t]);
-          l = std::min(7, std::max(-8, l));
-          trial[t] = (int8_t)l;
-          sumlx += g[t] * (float)l;
-          suml2 += (float)(l * l);
-        }
-        if (suml2 > 0.f && sumlx * sumlx > best * suml2) {
-          best = sumlx * sumlx / suml2;
-          scale = sumlx / suml2;
-          std::memcpy(L, trial, kGroup);
-        }
-      }
-    } else {
-      std::memset(L, 0, kGroup);
-    }
+    const float scale = fast ? avx512::quantize_group(x + b * kGroup, levels.data() + b * kGroup)
+                             : quantize_group_plain(x + b * kGroup, levels.data() + b * kGroup);
     srow[b] = c10::detail::fp16_ieee_from_fp32_value(scale);
   }
   const int64_t full = k / 128;
