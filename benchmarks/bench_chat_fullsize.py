@@ -35,7 +35,13 @@ PREFILL_TOKENS = 256
 # llama.cpp as measured on a quiet 2-core Intel Xeon (AVX-512 VNNI/BF16, AMX) on 2026-12-03 with llama-cpp-python
 # 0.3.36 built without AMX (see benchmarks/llama_cpp/), Q4_0, 2 threads, used when no GGUF is given: load s, peak RSS
 # GiB, weights GiB, decode tok/s, prefill tok/s. Pass --llama-gguf for a side-by-side run.
-LLAMA_CPP_QUOTED = {"load_s": 4.0, "peak_rss_gib": 6.41, "weight_gib": 3.34, "decode_tok_s": 4.22, "prefill_tok_s": 22.3}
+LLAMA_CPP_QUOTED = {
+    "load_s": 4.0,
+    "peak_rss_gib": 6.41,
+    "weight_gib": 3.34,
+    "decode_tok_s": 4.22,
+    "prefill_tok_s": 22.3,
+}
 
 BANDWIDTH_CHILD = r"""
 import json, time, torch

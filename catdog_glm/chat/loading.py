@@ -303,7 +303,35 @@ def _quantization_label(device, bits: int) -> str:
     )
 
 
-def load_chat_model(  # noqa: C901 - one branch per model source
+def load_chat_model(spec: str | None = None, **options) -> ChatModel:
+    """Load `spec` (None = the embedded default, a .gguf file, a ChatGLM3 folder or an HF folder); the options are
+    `_load_chat_model`'s.
+
+    The work runs in a thread of its own, so that the calling (main) thread never starts an OpenMP thread team:
+    with libgomp, once two threads lead teams there are more managed threads than this 2-core machine has CPUs,
+    every team's workers sleep between parallel regions, and each torch op in the scheduler's thread then waits on a
+    wake-up (measured: a small parallel op 8 us from the one team's thread, 80 us once the main thread had had a
+    team; 34 -> 78 tok/s decode on the embedded SmolLM2 in int4)."""
+    import threading
+
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["model"] = _load_chat_model(spec, **options)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller as it was
+            result["error"] = e
+
+    thread = threading.Thread(target=work, name="catdog-load", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # in short waits, so Ctrl-C still reaches the main thread
+    if "error" in result:
+        raise result["error"]
+    return result["model"]
+
+
+def _load_chat_model(  # noqa: C901 - one branch per model source
     spec: str | None = None,
     *,
     dtype: str = "auto",

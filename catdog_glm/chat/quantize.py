@@ -99,11 +99,12 @@ class Int8Linear(nn.Module):
                 torch.empty(out_features, dtype=dtype) if bias else None,
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, path: int = 0) -> torch.Tensor:
+        """path: which kernel catdog's takes (chat/kernels: AUTO, FEW_ROWS, MANY_ROWS); torch's has one."""
         if x.device.type != "cpu":  # the packed kernel is CPU-only; elsewhere dequantize on the fly
             y = x @ (self.weight_int8.to(x.dtype) * self.scales.to(x.dtype)[:, None]).t()
         elif self.use_catdog_kernel:
-            return torch.ops.catdog.q8_linear(x, self.weight_int8, self.scales, self.bias)
+            return torch.ops.catdog.q8_linear(x, self.weight_int8, self.scales, self.bias, path)
         else:
             flat = x.reshape(-1, self.in_features)
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales.to(x.dtype))
@@ -186,7 +187,8 @@ class Int4Linear(nn.Module):
                 torch.empty(out_features, dtype=dtype) if bias else None,
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, path: int = 0) -> torch.Tensor:
+        """path: which kernel runs (chat/kernels: AUTO by row count, FEW_ROWS, MANY_ROWS)."""
         if x.device.type != "cpu":  # the kernel is CPU-only; elsewhere dequantize on the fly
             from catdog_glm.chat.kernels.reference import dequantize_q4
 
@@ -194,7 +196,7 @@ class Int4Linear(nn.Module):
             weight = dequantize_q4(self.qweight.cpu(), self.scales.cpu(), mins).to(x.device, x.dtype)
             y = x @ weight.t()
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        return torch.ops.catdog.q4_linear(x, self.qweight, self.scales, self.mins, self.bias)
+        return torch.ops.catdog.q4_linear(x, self.qweight, self.scales, self.mins, self.bias, path)
 
 
 class TorchInt4Linear(nn.Module):
@@ -226,7 +228,7 @@ class TorchInt4Linear(nn.Module):
                 torch.empty(out_features, dtype=dtype) if bias else None,
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, path: int = 0) -> torch.Tensor:  # one kernel: `path` changes nothing
         flat = x.reshape(-1, self.in_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat, self.weight_int4, self.group, self.scales_and_zeros.to(x.dtype)

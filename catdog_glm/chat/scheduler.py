@@ -28,6 +28,7 @@ Models that do not support transformers' attention interface (remote code) are r
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from catdog_glm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+LEAN_DECODER_ENV = "CATDOG_LEAN_DECODER"  # "0": step through transformers' modules (comparisons, a suspected bug)
 IDLE_EXIT_S = 10.0  # an idle scheduler's thread ends (and restarts on the next request): a dropped engine is freed
 PACKED_ATTENTION = "catdog_packed"
 
@@ -299,6 +301,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._packed: bool | None = None  # decided on the loop's first step
+        self._decoder = None  # the lean decoder (chat/decoder.py) where the model's family has one
         self.steps = 0  # forward steps run
         self.peak_batch = 0  # the most requests one step has served
         self._no_mask = None
@@ -466,6 +469,10 @@ class Scheduler:
             self._packed = enable_packed_attention(self.chat_model.model)
             if not self._packed:
                 log.info("%s does not use transformers' attention interface: one request per forward")
+            elif os.environ.get(LEAN_DECODER_ENV, "1") != "0":
+                from catdog_glm.chat.decoder import lean_decoder
+
+                self._decoder = lean_decoder(self.chat_model.model)
         if self._packed:
             return self._forward_packed(running, new)
         return self._forward_each(running, new)
@@ -489,6 +496,13 @@ class Scheduler:
             positions += range(len(request.prompt))
             last.append(len(ids) - 1)
         device = self.chat_model.device
+        if self._decoder is not None:
+            return self._decoder(
+                torch.tensor(ids, device=device),
+                torch.tensor(positions, device=device),
+                segments,
+                torch.tensor(last, device=device),
+            )
         if self._no_mask is None:
             # an (unused) 4D mask: transformers then skips building a causal mask for the packed row
             self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)

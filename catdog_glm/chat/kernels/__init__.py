@@ -28,6 +28,8 @@ SOURCES = Path(__file__).parent / "csrc"
 SOURCE = SOURCES / "kernels.cpp"
 DISABLE_ENV = "CATDOG_KERNELS"  # "0": use torch's kernels (tests, comparisons)
 # CPU flags that change which kernel runs: part of the build key, so a cache moved to another CPU is rebuilt
+# the `path` argument of q4_linear / q8_linear: by row count, int8 activations (few rows), dequantized GEMM (many)
+AUTO, FEW_ROWS, MANY_ROWS = 0, 1, 2
 RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_bf16")
 
 _lock = threading.Lock()
@@ -111,10 +113,10 @@ def _register_fakes() -> None:
     """Shapes for torch.compile / meta tensors: the ops' outputs without running them."""
     import torch
 
-    def q4_linear(x, qweight, scales, mins=None, bias=None):
+    def q4_linear(x, qweight, scales, mins=None, bias=None, path=0):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
-    def q8_linear(x, weight, scales, bias=None):
+    def q8_linear(x, weight, scales, bias=None, path=0):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     torch.library.register_fake("catdog::q4_linear", q4_linear)

@@ -398,9 +398,41 @@ static void for_each_tile(int64_t m_rows, Tile4 tile4, Tile1 tile1) {
 }
 
 // Few rows of x: y[m, r] for every weight row r, through the chosen instruction set.
-static void q4_small(int isa, const Activations& a, const uint8_t* w, const uint16_t* s, float* y, int64_t n) {
-  const int64_t k = a.k, nb = a.blocks;
+// Asymmetric weights: + the sum over blocks of min x (scale x sum of the block's int8 activations), for rows [n0, n1).
+static void add_min_terms(int isa, const Activations& a, const uint16_t* mins, float* y, int64_t n, int64_t n0,
+                          int64_t n1) {
+  const int64_t nb = a.blocks;
+  for (int64_t r = n0; r < n1; ++r)
+    for (int64_t i = 0; i < a.rows; ++i) {
+      const uint16_t* row = mins + r * nb;
+      const float* sums = a.sum.data() + i * nb;
+      float extra = 0.f;
+      if (isa == kAvx512Vnni) {
+        extra = avx512::min_dot(row, sums, nb);
+      } else if (isa != kReference) {
+        extra = avx2::min_dot(row, sums, nb);
+      } else {
+        for (int64_t b = 0; b < nb; ++b) extra += half_to_float(row[b]) * sums[b];
+      }
+      y[i * n + r] += extra;
+    }
+}
+
+static void q4_rows_any(int isa, const Activations& a, const uint8_t* w, const uint16_t* s, float* y, int64_t n,
+                        int64_t n0, int64_t n1);
+
+static void q4_small(int isa, const Activations& a, const uint8_t* w, const uint16_t* s, const uint16_t* mins,
+                     float* y, int64_t n) {
   at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+    q4_rows_any(isa, a, w, s, y, n, n0, n1);
+    if (mins) add_min_terms(isa, a, mins, y, n, n0, n1);  // while this thread's rows are in its cache
+  });
+}
+
+static void q4_rows_any(int isa, const Activations& a, const uint8_t* w, const uint16_t* s, float* y, int64_t n,
+                        int64_t n0, int64_t n1) {
+  const int64_t k = a.k, nb = a.blocks;
+  {
     if (isa == kReference) return ref::q4_rows(a, w, s, y, n, n0, n1);
     int64_t r = n0;
     if (isa == kAvx512Vnni) {  // four weight rows at a time against one activation row, four against one row
@@ -436,7 +468,7 @@ static void q4_small(int isa, const Activations& a, const uint8_t* w, const uint
               [&](int64_t m0) { avx2::q4_tile<1>(a, m0, row, srow, out, n); });
       }
     }
-  });
+  }
 }
 
 static void q8_small(int isa, const Activations& a, const int8_t* w, const float* s, float* y, int64_t n) {
@@ -617,17 +649,22 @@ static at::Tensor finish(at::Tensor y, const at::Tensor& x, const c10::optional<
   return y.to(x.scalar_type()).view(sizes);
 }
 
-static bool use_small(int64_t rows) { return rows <= g_max_small_rows.load(); }
+// path: 0 = by the row count, 1 = int8 activations (few rows), 2 = dequantized weights into a GEMM (many rows). A
+// caller that needs a row's result not to depend on what else shares the call (a request in a batch) says which.
+static bool use_small(int64_t rows, int64_t path) {
+  TORCH_CHECK(path >= 0 && path <= 2, "path must be 0 (auto), 1 (few rows) or 2 (many rows)");
+  return path == 1 || (path == 0 && rows <= g_max_small_rows.load());
+}
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& bias) {
+                     const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& bias, int64_t path) {
   check_q4(x, qweight, scales);
   check_mins(scales, mins);
   const uint16_t* m = half_ptr(mins);
   const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
   auto x2 = x.reshape({-1, k});
   const int64_t rows = x2.size(0);
-  if (!use_small(rows)) {
+  if (!use_small(rows, path)) {
     // dequantized tiles of rows into torch's GEMM (AMX/AVX-512 bf16 through oneDNN for bf16 activations)
     auto y = at::empty({rows, n}, x.options());
     const int64_t tile = std::max<int64_t>(64, (int64_t(4) << 20) / (k * x.element_size()));
@@ -642,37 +679,17 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     return y.view(sizes);
   }
   auto xf = x2.to(at::kFloat).contiguous();
-  Activations a;
+  thread_local Activations a;  // kept between calls: decode calls this hundreds of times a token
   quantize_activations(xf.data_ptr<float>(), rows, k, m ? 0 : 8, a);  // symmetric levels are stored as l + 8
   auto y = at::empty({rows, n}, x.options().dtype(at::kFloat));
   float* out = y.data_ptr<float>();
   q4_small(current_isa(), a, qweight.data_ptr<uint8_t>(),
-           reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), out, n);
-  if (m) {  // asymmetric: + the sum over blocks of min x (scale x sum of the block's int8 activations)
-    const int64_t nb = a.blocks;
-    const int isa = current_isa();
-    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t i = 0; i < rows; ++i) {
-          const uint16_t* mins = m + r * nb;
-          const float* sums = a.sum.data() + i * nb;
-          float extra = 0.f;
-          if (isa == kAvx512Vnni) {
-            extra = avx512::min_dot(mins, sums, nb);
-          } else if (isa != kReference) {
-            extra = avx2::min_dot(mins, sums, nb);
-          } else {
-            for (int64_t b = 0; b < nb; ++b) extra += half_to_float(mins[b]) * sums[b];
-          }
-          out[i * n + r] += extra;
-        }
-    });
-  }
+           reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), m, out, n);
   return finish(y, x, bias, n);
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& bias) {
+                     const c10::optional<at::Tensor>& bias, int64_t path) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "catdog::q8 kernels run on the CPU");
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2, "q8 weight: an int8 [N, K] tensor");
   const int64_t n = weight.size(0), k = weight.size(1);
@@ -681,7 +698,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(x.size(-1) == k, "x has ", x.size(-1), " features, the weight ", k);
   auto x2 = x.reshape({-1, k});
   const int64_t rows = x2.size(0);
-  if (!use_small(rows)) {
+  if (!use_small(rows, path)) {
     auto w = weight.to(x.scalar_type()).mul_(scales.to(x.scalar_type()).unsqueeze(1));
     auto y = at::mm(x2, w.t());
     if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
@@ -693,7 +710,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
   auto s = scales.to(at::kFloat).contiguous();
   auto xf = x2.to(at::kFloat).contiguous();
   const int isa = current_isa();
-  Activations a;
+  thread_local Activations a;  // kept between calls: decode calls this hundreds of times a token
   // the weights' bytes enter VNNI as unsigned (w + 128); AVX2's path multiplies signed bytes, with no offset
   quantize_activations(xf.data_ptr<float>(), rows, k, isa == kAvx2 ? 0 : 128, a);
   auto y = at::empty({rows, n}, x.options().dtype(at::kFloat));
@@ -757,8 +774,8 @@ static void set_max_small_rows(int64_t rows) { g_max_small_rows.store(rows); }
 }  // namespace catdog
 
 TORCH_LIBRARY(catdog, m) {
-  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins=None, Tensor? bias=None) -> Tensor");
-  m.def("q8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins=None, Tensor? bias=None, int path=0) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None, int path=0) -> Tensor");
   m.def("q4_quantize(Tensor weight, bool asymmetric=False) -> (Tensor, Tensor, Tensor)");
   m.def("q4_dequantize(Tensor qweight, Tensor scales, Tensor? mins, ScalarType dtype) -> Tensor");
 }

@@ -1,0 +1,238 @@
+"""The lean decoder: the scheduler's hot loop for the model families we serve, without transformers' per-call
+machinery.
+
+transformers' classes still load and check the weights (and serve plain forwards, `generate()` and the tests'
+references); this module reads the loaded modules and runs a packed step itself: query/key/value as one matrix
+product and gate/up as one (the three and two weights concatenated once, the original modules left as views into
+them, so no memory is added), the model family's own rotary function, each request's attention against its own KV
+cache, the output head only for the rows that sample. Measured on a 2-core Xeon, a decode step through transformers'
+modules spent more time around the matrix products than in them on the 135M SmolLM2 (~8 of 18 ms in int4 kernels),
+and ~50 ms of a 215 ms ChatGLM3-6B step.
+
+Families: decoder layers of `input_layernorm -> self_attn(q, k, v, o) -> post_attention_layernorm -> mlp` with a
+gate/up MLP (Llama, SmolLM2, Qwen2, Mistral without a sliding window, and GLM, which ChatGLM3 loads as); others
+(sliding windows, q/k norms, remote code) return None and keep transformers' path.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTE = "_catdog_decoder"  # where a model keeps its decoder (built once: building fuses weights in place)
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach() for p in parts], dim=0)
+
+
+def _fuse(modules: list[nn.Module]) -> nn.Module | None:
+    """One module computing the outputs of `modules` side by side (the same input), or None when they are not of
+    one fusable kind. The originals are re-pointed at row views of the fused weights, so nothing is held twice."""
+    from catdog_glm.chat.quantize import Int4Linear, Int8Linear
+
+    kind = type(modules[0])
+    if any(type(m) is not kind for m in modules) or kind not in (nn.Linear, Int4Linear, Int8Linear):
+        return None
+    biases = [m.bias for m in modules]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = _concat(
+            [
+                b
+                if b is not None
+                else torch.zeros(m.out_features, dtype=biases[0].dtype if biases[0] is not None else torch.float32)
+                for m, b in zip(modules, biases, strict=True)
+            ]
+        )
+    if kind is nn.Linear:
+        with torch.device("meta"):
+            fused = nn.Linear(modules[0].in_features, sum(m.out_features for m in modules), bias=bias is not None)
+        fused.weight = nn.Parameter(_concat([m.weight for m in modules]), requires_grad=False)
+        tensors = ["weight"]
+    elif kind is Int4Linear:
+        if len({m.mins is None for m in modules}) != 1:
+            return None
+        mins = None if modules[0].mins is None else _concat([m.mins for m in modules])
+        fused = Int4Linear(_concat([m.qweight for m in modules]), _concat([m.scales for m in modules]), None, mins)
+        tensors = ["qweight", "scales"] + ([] if mins is None else ["mins"])
+    else:
+        if len({m.scales.dtype for m in modules}) != 1:
+            return None
+        fused = Int8Linear(_concat([m.weight_int8 for m in modules]), _concat([m.scales for m in modules]))
+        tensors = ["weight_int8", "scales"]
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    start = 0
+    for module in modules:
+        rows = slice(start, start + module.out_features)
+        for name in tensors:
+            view = getattr(fused, name)[rows]
+            if isinstance(getattr(module, name), nn.Parameter):
+                setattr(module, name, nn.Parameter(view, requires_grad=False))
+            else:
+                setattr(module, name, view)
+        if module.bias is not None:
+            module.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
+        start += module.out_features
+    return fused
+
+
+def _project(module: nn.Module, x: torch.Tensor, decode_rows: int) -> torch.Tensor:
+    """module(x) for x [1, tokens, features] whose first `decode_rows` rows are decode tokens and the rest prompt
+    tokens. catdog's quantized layers are told which kernel each part takes (int8 activations for decode rows, a
+    dequantized GEMM for prompt rows) so that a request's numbers never depend on what else shares the step."""
+    from catdog_glm.chat.kernels import FEW_ROWS, MANY_ROWS
+    from catdog_glm.chat.quantize import Int4Linear, Int8Linear, TorchInt4Linear
+
+    if not isinstance(module, (Int4Linear, Int8Linear, TorchInt4Linear)):
+        return module.forward(x)
+    tokens = x.shape[1]
+    if decode_rows >= tokens:
+        return module.forward(x, FEW_ROWS)
+    if decode_rows == 0:
+        return module.forward(x, MANY_ROWS)
+    return torch.cat(
+        [module.forward(x[:, :decode_rows], FEW_ROWS), module.forward(x[:, decode_rows:], MANY_ROWS)], dim=1
+    )
+
+
+class _Layer:
+    """One decoder layer's pieces, read from the transformers module."""
+
+    def __init__(self, layer: nn.Module, index: int):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.index = index
+        self.in_norm = layer.input_layernorm.forward
+        self.post_norm = layer.post_attention_layernorm.forward
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.sizes = [m.out_features for m in projections]
+        self.qkv = _fuse(projections)
+        self.q, self.k, self.v = projections
+        self.o = attn.o_proj
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        if hasattr(mlp, "gate_up_proj"):  # GLM: [gate | up] in one matrix, up * act(gate)
+            self.gate_up = mlp.gate_up_proj
+            self.act = mlp.activation_fn.forward
+        else:
+            self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
+            self.gate, self.up = mlp.gate_proj, mlp.up_proj
+            self.act = mlp.act_fn.forward
+        self.down = mlp.down_proj
+
+    def attention_inputs(self, h: torch.Tensor, decode_rows: int):
+        if self.qkv is not None:
+            return _project(self.qkv, h, decode_rows).split(self.sizes, dim=-1)
+        return tuple(_project(m, h, decode_rows) for m in (self.q, self.k, self.v))
+
+    def mlp(self, h: torch.Tensor, decode_rows: int) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = _project(self.gate_up, h, decode_rows).chunk(2, dim=-1)
+        else:
+            gate, up = _project(self.gate, h, decode_rows), _project(self.up, h, decode_rows)
+        return _project(self.down, up * self.act(gate), decode_rows)
+
+
+def _supported(model: nn.Module) -> str | None:
+    """Why the lean decoder cannot run this model (None: it can)."""
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+        return "not a decoder-only transformers model with the usual parts"
+    if sys.modules.get(type(model).__module__) is None or not hasattr(
+        sys.modules[type(model).__module__], "apply_rotary_pos_emb"
+    ):
+        return "its modeling module has no apply_rotary_pos_emb"
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return "its attention is not q/k/v/o projections"
+        if getattr(attn, "sliding_window", None) or hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return "sliding-window attention or q/k norms"
+        gate_up = hasattr(mlp, "gate_up_proj") and hasattr(mlp, "activation_fn")
+        separate = all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "act_fn"))
+        if not (gate_up or separate) or not hasattr(mlp, "down_proj"):
+            return "its MLP is not gate/up/down"
+        if not (hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")):
+            return "its layers are not pre-norm"
+    return None
+
+
+class LeanDecoder:
+    """Runs one packed step of a loaded model: every request's new tokens in one row, logits for the sampling rows."""
+
+    def __init__(self, model: nn.Module):
+        inner = model.model
+        self.embed = inner.embed_tokens.forward
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm.forward
+        self.head = model.lm_head
+        self.rope = sys.modules[type(model).__module__].apply_rotary_pos_emb
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.layers = [_Layer(layer, i) for i, layer in enumerate(inner.layers)]
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, segments: list, last: torch.Tensor):
+        """ids, positions: [tokens]; segments: (start, count, KV cache) of each request's tokens in the row; last: the
+        rows whose next token is sampled. Returns logits [len(last), vocab]."""
+        from torch.nn.functional import scaled_dot_product_attention
+
+        x = self.embed(ids[None])
+        cos, sin = self.rotary(x, positions[None])
+        tokens = ids.shape[0]
+        grouped = self.kv_heads != self.heads
+        decode_rows = 0  # the scheduler puts running requests (one token each) first
+        for _, count, _ in segments:
+            if count != 1:
+                break
+            decode_rows += 1
+        for layer in self.layers:
+            q, k, v = layer.attention_inputs(layer.in_norm(x), decode_rows)
+            q = q.view(1, tokens, -1, layer.head_dim).transpose(1, 2)
+            k = k.view(1, tokens, -1, layer.head_dim).transpose(1, 2)
+            v = v.view(1, tokens, -1, layer.head_dim).transpose(1, 2)
+            q, k = self.rope(q, k, cos, sin)
+            outputs = []
+            for start, count, kv in segments:
+                span = slice(start, start + count)
+                keys, values = kv.append(layer.index, k[:, :, span], v[:, :, span])
+                # a prefill (count > 1) starts from an empty cache, so SDPA's own causal flag is the right mask
+                outputs.append(
+                    scaled_dot_product_attention(
+                        q[:, :, span],
+                        keys,
+                        values,
+                        is_causal=count > 1,
+                        scale=layer.scaling,
+                        enable_gqa=grouped,
+                    )
+                )
+            attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+            x = x + _project(layer.o, attended.transpose(1, 2).reshape(1, tokens, -1), decode_rows)
+            x = x + layer.mlp(layer.post_norm(x), decode_rows)
+        rows = last.shape[0]  # one per request: always the few-rows kernel
+        return _project(self.head, self.norm(x[:, last]), rows)[0]
+
+
+def lean_decoder(model: nn.Module) -> LeanDecoder | None:
+    """The model's lean decoder (built on first use, weights fused in place), or None where it cannot run (logged)."""
+    if hasattr(model, ATTRIBUTE):
+        return getattr(model, ATTRIBUTE)
+    reason = _supported(model)
+    decoder = None
+    if reason is None:
+        try:
+            decoder = LeanDecoder(model)
+        except (AttributeError, TypeError, ValueError) as e:  # an unexpected variant of a supported family
+            reason = f"{type(e).__name__}: {e}"
+    if decoder is None:
+        log.info("lean decoder not used for %s (%s): transformers' modules run each step", type(model).__name__, reason)
+    object.__setattr__(model, ATTRIBUTE, decoder)  # not a submodule: keeps it out of state_dict() and .to()
+    return decoder
