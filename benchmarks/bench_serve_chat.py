@@ -7,6 +7,10 @@ With a full-size ChatGLM3-6B folder (--fullsize DIR or $CATDOG_FULLSIZE_DIR; ben
 a random-weight one) it also runs that model with --quantize 4 at 1 and 8 clients (goal: 8 clients >= 3x one).
 
     python benchmarks/bench_serve_chat.py [--clients 1,4,16,32] [--max-tokens 64] [--fullsize DIR]
+        [--llama-python PYTHON]
+
+With --llama-python (a Python that has llama-cpp-python, see benchmarks/llama_cpp/) llama.cpp runs the same embedded
+GGUF file in the same run, one greedy stream with the same thread count, as the peer for one stream through the API.
 
 BENCH_THREADS=N sets torch's threads in every process (default: torch's own choice).
 """
@@ -203,6 +207,40 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+LLAMA_CHILD = r"""
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama, llama_get_logits_ith
+path, new_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
+chat = b"<|im_start|>user\nTell me a short story about a cat in Paris.<|im_end|>\n<|im_start|>assistant\n"
+prompt = llm.tokenize(chat, special=True)
+def next_token():
+    return int(np.argmax(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))))
+llm.eval(prompt); token = next_token(); llm.reset()
+llm.eval(prompt); token = next_token()
+t = time.perf_counter()
+for _ in range(new_tokens - 1):
+    llm.eval([token]); token = next_token()
+print(json.dumps({"decode_tok_s": (new_tokens - 1) / (time.perf_counter() - t)}))
+"""
+
+
+def llama_cpp_tok_s(python: str, max_tokens: int) -> float:
+    """llama.cpp's greedy decode tok/s on the embedded GGUF (the file catdog converts), in another Python."""
+    from catdog_glm.chat.loading import embedded_model_file
+
+    threads = os.environ.get("BENCH_THREADS") or str(os.cpu_count())
+    out = subprocess.run(
+        [python, "-c", LLAMA_CHILD, str(embedded_model_file()), str(max_tokens), threads],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"llama.cpp child failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["decode_tok_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,4,16,32")
@@ -210,7 +248,9 @@ def main() -> None:
     parser.add_argument("--configs", default="int4,bf16", help="which embedded-model configurations: int4, bf16")
     parser.add_argument("--fullsize", type=Path, default=os.environ.get("CATDOG_FULLSIZE_DIR") or None)
     parser.add_argument("--fullsize-max-tokens", type=int, default=16)
+    parser.add_argument("--llama-python", help="a Python with llama-cpp-python: llama.cpp on the same GGUF")
     args = parser.parse_args()
+    llama = llama_cpp_tok_s(args.llama_python, args.max_tokens) if args.llama_python else None
     clients = [int(c) for c in args.clients.split(",")]
     queue = ["--queue-size", str(2 * max(clients))]
 
@@ -234,6 +274,8 @@ def main() -> None:
                 f"; one stream: API {api:.1f} tok/s / in-process engine {engine_tok_s:.1f} tok/s = "
                 f"{api / engine_tok_s:.2f}x (goal >= 0.9x)"
             )
+            if llama and config == "int4":
+                line += f"; API / llama.cpp {llama:.1f} tok/s on the same GGUF = {api / llama:.2f}x (goal >= 1.0x)"
         summary.append(line)
 
     if args.fullsize and (Path(args.fullsize) / "config.json").is_file():
