@@ -171,7 +171,9 @@ from catdog_glm.chat.engine import ChatEngine
 from catdog_glm.chat.quantize import TorchInt4Linear
 chat = load_chat_model(sys.argv[1], dtype="fp32", quantize=4)
 kinds = sorted({type(m).__name__ for m in chat.model.modules()})
-reply = ChatEngine(chat).chat([{"role": "user", "content": "hi"}], temperature=0, max_new_tokens=4)
+engine = ChatEngine(chat)
+reply = engine.chat([{"role": "user", "content": "hi"}], temperature=0, max_new_tokens=4)
+engine.close()
 print(json.dumps({"status": kernels.status(), "kinds": kinds, "tokens": reply.completion_tokens}))
 """
 

@@ -41,14 +41,11 @@ def _fuse(modules: list[nn.Module]) -> nn.Module | None:
         return None
     biases = [m.bias for m in modules]
     bias = None
-    if any(b is not None for b in biases):
+    present = [b for b in biases if b is not None]
+    if present:
+        like = present[0]  # a missing bias is zeros of the others' dtype, on their device
         bias = _concat(
-            [
-                b
-                if b is not None
-                else torch.zeros(m.out_features, dtype=biases[0].dtype if biases[0] is not None else torch.float32)
-                for m, b in zip(modules, biases, strict=True)
-            ]
+            [b if b is not None else like.new_zeros(m.out_features) for m, b in zip(modules, biases, strict=True)]
         )
     if kind is nn.Linear:
         with torch.device("meta"):
@@ -90,16 +87,15 @@ def _project(module: nn.Module, x: torch.Tensor, decode_rows: int) -> torch.Tens
     from catdog_glm.chat.kernels import FEW_ROWS, MANY_ROWS
     from catdog_glm.chat.quantize import Int4Linear, Int8Linear, TorchInt4Linear
 
+    # called as modules (not .forward): forward hooks a user registered still run
     if not isinstance(module, (Int4Linear, Int8Linear, TorchInt4Linear)):
-        return module.forward(x)
+        return module(x)
     tokens = x.shape[1]
     if decode_rows >= tokens:
-        return module.forward(x, FEW_ROWS)
+        return module(x, path=FEW_ROWS)
     if decode_rows == 0:
-        return module.forward(x, MANY_ROWS)
-    return torch.cat(
-        [module.forward(x[:, :decode_rows], FEW_ROWS), module.forward(x[:, decode_rows:], MANY_ROWS)], dim=1
-    )
+        return module(x, path=MANY_ROWS)
+    return torch.cat([module(x[:, :decode_rows], path=FEW_ROWS), module(x[:, decode_rows:], path=MANY_ROWS)], dim=1)
 
 
 class _Layer:
@@ -139,8 +135,15 @@ class _Layer:
         return _project(self.down, up * self.act(gate), decode_rows)
 
 
+# The families whose decoder layer is exactly what LeanDecoder computes (a family with extra norms, multipliers,
+# clipping or per-layer rotary choices, as GLM-4, Granite, OLMo or SmolLM3, keeps transformers' own layers).
+FAMILIES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GlmForCausalLM"}
+
+
 def _supported(model: nn.Module) -> str | None:
     """Why the lean decoder cannot run this model (None: it can)."""
+    if type(model).__name__ not in FAMILIES:
+        return f"{type(model).__name__} is not one of {', '.join(sorted(FAMILIES))}"
     inner = getattr(model, "model", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
@@ -229,7 +232,10 @@ def lean_decoder(model: nn.Module) -> LeanDecoder | None:
     decoder = None
     if reason is None:
         try:
-            decoder = LeanDecoder(model)
+            # fused weights made outside inference mode (the scheduler steps inside it), so the model's tensors
+            # stay ordinary ones that load_state_dict or fine-tuning may update later
+            with torch.inference_mode(False), torch.no_grad():
+                decoder = LeanDecoder(model)
         except (AttributeError, TypeError, ValueError) as e:  # an unexpected variant of a supported family
             reason = f"{type(e).__name__}: {e}"
     if decoder is None:

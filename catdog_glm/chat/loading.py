@@ -322,7 +322,8 @@ def load_chat_model(spec: str | None = None, **options) -> ChatModel:
         except BaseException as e:  # noqa: BLE001 - handed to the caller as it was
             result["error"] = e
 
-    thread = threading.Thread(target=work, name="catdog-load", daemon=True)
+    # not a daemon: after a Ctrl-C the interpreter waits for it, so a kernel build's lock file is always released
+    thread = threading.Thread(target=work, name="catdog-load")
     thread.start()
     while thread.is_alive():
         thread.join(0.2)  # in short waits, so Ctrl-C still reaches the main thread

@@ -289,6 +289,23 @@ def default_limits(chat_model) -> tuple[int, int]:
     return size, tokens
 
 
+def _end_at_exit(scheduler: Scheduler) -> None:
+    """Stop the loop's thread before the interpreter shuts down: killed mid-wait while it led an OpenMP team (and
+    the main thread led none, as models load in a thread of their own) it aborted the process at exit ('terminate
+    called without an active exception', about every other run)."""
+    import atexit
+    import weakref
+
+    ref = weakref.ref(scheduler)
+
+    def end() -> None:
+        live = ref()
+        if live is not None:
+            live.close(timeout=5.0)
+
+    atexit.register(end)
+
+
 class Scheduler:
     def __init__(self, chat_model, *, max_batch_size: int, max_batch_tokens: int):
         if max_batch_size < 1 or max_batch_tokens < 1:
@@ -301,6 +318,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._packed: bool | None = None  # decided on the loop's first step
+        self._ends_at_exit = False
         self._decoder = None  # the lean decoder (chat/decoder.py) where the model's family has one
         self.steps = 0  # forward steps run
         self.peak_batch = 0  # the most requests one step has served
@@ -323,6 +341,9 @@ class Scheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="catdog-scheduler", daemon=True)
                 self._thread.start()
+                if not self._ends_at_exit:
+                    _end_at_exit(self)
+                    self._ends_at_exit = True
             self._cond.notify()
 
     def cancel(self, request: Request) -> None:

@@ -178,9 +178,12 @@ def load(verbose: bool = False):
             log.info("catdog kernels off (%s=0): quantized layers use torch's kernels", DISABLE_ENV)
             return None
         try:
-            module = _compile(verbose)
-            _register_fakes()
-            problem = self_check(module)
+            import torch
+
+            with torch.device("cpu"):  # a first call from inside a meta-device context still checks real tensors
+                module = _compile(verbose)
+                _register_fakes()
+                problem = self_check(module)
         except Exception as e:  # noqa: BLE001 - no compiler, a failed build: torch's kernels then, nothing else changes
             problem = (
                 f"could not build them ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"

@@ -698,9 +698,15 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(x.size(-1) == k, "x has ", x.size(-1), " features, the weight ", k);
   auto x2 = x.reshape({-1, k});
   const int64_t rows = x2.size(0);
-  if (!use_small(rows, path)) {
-    auto w = weight.to(x.scalar_type()).mul_(scales.to(x.scalar_type()).unsqueeze(1));
-    auto y = at::mm(x2, w.t());
+  if (!use_small(rows, path)) {  // dequantized a tile of rows at a time (a 4 MiB temporary, not the whole weight)
+    auto y = at::empty({rows, n}, x.options());
+    const auto s = scales.to(x.scalar_type());
+    const int64_t tile = std::max<int64_t>(64, (int64_t(4) << 20) / (k * x.element_size()));
+    for (int64_t n0 = 0; n0 < n; n0 += tile) {
+      const int64_t n1 = std::min(n, n0 + tile);
+      auto w = weight.narrow(0, n0, n1 - n0).to(x.scalar_type()).mul_(s.narrow(0, n0, n1 - n0).unsqueeze(1));
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.t()));
+    }
     if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
     auto sizes = x.sizes().vec();
     sizes.back() = n;
@@ -740,7 +746,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q4_quantize(const at::Tensor& wei
 at::Tensor q4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
                          at::ScalarType dtype) {
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2, "q4 weight: uint8 [N, K/2]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.size(0) == qweight.size(0), "q4 scales: fp16 [N, K/32]");
+  TORCH_CHECK(qweight.size(1) % 32 == 0, "q4 weight: K must be a multiple of 64, got ", qweight.size(1) * 2);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.size(0) == qweight.size(0) &&
+                  scales.size(1) == qweight.size(1) * 2 / kGroup,
+              "q4 scales: fp16 [N, K/32]");
   auto m = mins.has_value() && mins->defined() ? c10::optional<at::Tensor>(mins->contiguous()) : mins;
   check_mins(scales, m);
   return dequantize_q4_rows(qweight.contiguous(), scales.contiguous(), m, dtype, 0, qweight.size(0));
