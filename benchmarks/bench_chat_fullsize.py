@@ -219,7 +219,9 @@ def main() -> None:
     from catdog_glm.chat import kernels
 
     status = kernels.status()
-    flags = " ".join(f for f in kernels.RELEVANT_FLAGS if f in kernels.cpu_flags())
+    from catdog_glm.device import cpu_flags
+
+    flags = " ".join(f for f in kernels.RELEVANT_FLAGS if f in cpu_flags())
     print(f"\nCPU: {status['cpu']} ({flags}); catdog kernel path: {status['path'] or status['why_not']}")
     print(f"ChatGLM3-6B full size (random weights), {args.threads} threads; read bandwidth {bandwidth:.1f} GiB/s")
     header = (

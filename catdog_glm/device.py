@@ -38,17 +38,43 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo; ("", empty) where there is none (macOS, Windows)."""
+    name, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name") and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = frozenset(line.split(":", 1)[1].split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    return name, flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags as Linux names them (avx2, avx512_vnni, amx_bf16, ...); empty elsewhere."""
+    return _cpuinfo()[1]
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for benchmark reports."""
+    import platform
+
+    return _cpuinfo()[0] or platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 math (AVX512-BF16 or AMX), where bf16 autocast is a real speed-up.
 
     Without native support oneDNN emulates bf16 and autocast makes training slower, not faster.
     """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-        return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
-    except OSError:
-        pass
+    if cpu_flags():
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
     import torch
 
     # Other platforms (macOS, Windows): ask oneDNN.

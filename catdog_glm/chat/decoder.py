@@ -22,6 +22,9 @@ import sys
 import torch
 from torch import nn
 
+from catdog_glm.chat.kernels import FEW_ROWS, MANY_ROWS
+from catdog_glm.chat.quantize import Int4Linear, Int8Linear, TorchInt4Linear
+
 log = logging.getLogger(__name__)
 
 ATTRIBUTE = "_catdog_decoder"  # where a model keeps its decoder (built once: building fuses weights in place)
@@ -34,8 +37,6 @@ def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
 def _fuse(modules: list[nn.Module]) -> nn.Module | None:
     """One module computing the outputs of `modules` side by side (the same input), or None when they are not of
     one fusable kind. The originals are re-pointed at row views of the fused weights, so nothing is held twice."""
-    from catdog_glm.chat.quantize import Int4Linear, Int8Linear
-
     kind = type(modules[0])
     if any(type(m) is not kind for m in modules) or kind not in (nn.Linear, Int4Linear, Int8Linear):
         return None
@@ -84,9 +85,6 @@ def _project(module: nn.Module, x: torch.Tensor, decode_rows: int) -> torch.Tens
     """module(x) for x [1, tokens, features] whose first `decode_rows` rows are decode tokens and the rest prompt
     tokens. catdog's quantized layers are told which kernel each part takes (int8 activations for decode rows, a
     dequantized GEMM for prompt rows) so that a request's numbers never depend on what else shares the step."""
-    from catdog_glm.chat.kernels import FEW_ROWS, MANY_ROWS
-    from catdog_glm.chat.quantize import Int4Linear, Int8Linear, TorchInt4Linear
-
     # called as modules (not .forward): forward hooks a user registered still run
     if not isinstance(module, (Int4Linear, Int8Linear, TorchInt4Linear)):
         return module(x)

@@ -136,9 +136,7 @@ def lies_on_asymmetric_grid(weight: torch.Tensor) -> bool:
     """Whether the first rows of `weight` are reproduced by asymmetric int4 groups of 32 (fp16 scale and min)."""
     rows = weight[:GRID_PROBE_ROWS].detach().float()
     packed, scales, mins = torch.ops.catdog.q4_quantize(rows, True)
-    from catdog_glm.chat.kernels.reference import dequantize_q4
-
-    error = (dequantize_q4(packed, scales, mins) - rows).pow(2).mean()
+    error = (torch.ops.catdog.q4_dequantize(packed, scales, mins, torch.float32) - rows).pow(2).mean()
     return bool(error <= ON_GRID_ERROR * rows.pow(2).mean().clamp(min=1e-30))
 
 

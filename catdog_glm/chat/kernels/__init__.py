@@ -22,43 +22,21 @@ import os
 import threading
 from pathlib import Path
 
+from catdog_glm.device import cpu_flags, cpu_name
+
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).parent / "csrc"
 SOURCE = SOURCES / "kernels.cpp"
 DISABLE_ENV = "CATDOG_KERNELS"  # "0": use torch's kernels (tests, comparisons)
-# CPU flags that change which kernel runs: part of the build key, so a cache moved to another CPU is rebuilt
 # the `path` argument of q4_linear / q8_linear: by row count, int8 activations (few rows), dequantized GEMM (many)
 AUTO, FEW_ROWS, MANY_ROWS = 0, 1, 2
+# CPU flags that change which kernel runs: part of the build key, so a cache moved to another CPU is rebuilt
 RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_bf16")
 
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None  # why the kernels are not used (logged once)
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def build_key() -> str:

@@ -642,11 +642,25 @@ static void check_mins(const at::Tensor& scales, const c10::optional<at::Tensor>
                 "q4 mins: a contiguous fp16 tensor shaped as the scales");
 }
 
+// y [rows, n] (fp32 from the few-rows path, x's dtype from the GEMM) + bias, as x's dtype and leading shape
 static at::Tensor finish(at::Tensor y, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t n) {
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   return y.to(x.scalar_type()).view(sizes);
+}
+
+// Many rows: rows of the weight dequantized to x's dtype a tile at a time (a 4 MiB temporary, not the whole weight)
+// into torch's GEMM (oneDNN: AMX / AVX-512 bf16 for bf16 activations). dequantize(n0, n1) -> [n1 - n0, k].
+template <typename Dequantize>
+static at::Tensor many_rows(const at::Tensor& x2, int64_t n, int64_t k, Dequantize dequantize) {
+  auto y = at::empty({x2.size(0), n}, x2.options());
+  const int64_t tile = std::max<int64_t>(64, (int64_t(4) << 20) / (k * x2.element_size()));
+  for (int64_t n0 = 0; n0 < n; n0 += tile) {
+    const int64_t n1 = std::min(n, n0 + tile);
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, dequantize(n0, n1).t()));
+  }
+  return y;
 }
 
 // path: 0 = by the row count, 1 = int8 activations (few rows), 2 = dequantized weights into a GEMM (many rows). A
@@ -665,18 +679,10 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   auto x2 = x.reshape({-1, k});
   const int64_t rows = x2.size(0);
   if (!use_small(rows, path)) {
-    // dequantized tiles of rows into torch's GEMM (AMX/AVX-512 bf16 through oneDNN for bf16 activations)
-    auto y = at::empty({rows, n}, x.options());
-    const int64_t tile = std::max<int64_t>(64, (int64_t(4) << 20) / (k * x.element_size()));
-    for (int64_t n0 = 0; n0 < n; n0 += tile) {
-      const int64_t n1 = std::min(n, n0 + tile);
-      auto w = dequantize_q4_rows(qweight, scales, mins, x.scalar_type(), n0, n1);
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.t()));
-    }
-    if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
-    auto sizes = x.sizes().vec();
-    sizes.back() = n;
-    return y.view(sizes);
+    auto y = many_rows(x2, n, k, [&](int64_t n0, int64_t n1) {
+      return dequantize_q4_rows(qweight, scales, mins, x.scalar_type(), n0, n1);
+    });
+    return finish(y, x, bias, n);
   }
   auto xf = x2.to(at::kFloat).contiguous();
   thread_local Activations a;  // kept between calls: decode calls this hundreds of times a token
@@ -698,19 +704,12 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(x.size(-1) == k, "x has ", x.size(-1), " features, the weight ", k);
   auto x2 = x.reshape({-1, k});
   const int64_t rows = x2.size(0);
-  if (!use_small(rows, path)) {  // dequantized a tile of rows at a time (a 4 MiB temporary, not the whole weight)
-    auto y = at::empty({rows, n}, x.options());
+  if (!use_small(rows, path)) {
     const auto s = scales.to(x.scalar_type());
-    const int64_t tile = std::max<int64_t>(64, (int64_t(4) << 20) / (k * x.element_size()));
-    for (int64_t n0 = 0; n0 < n; n0 += tile) {
-      const int64_t n1 = std::min(n, n0 + tile);
-      auto w = weight.narrow(0, n0, n1 - n0).to(x.scalar_type()).mul_(s.narrow(0, n0, n1 - n0).unsqueeze(1));
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.t()));
-    }
-    if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
-    auto sizes = x.sizes().vec();
-    sizes.back() = n;
-    return y.view(sizes);
+    auto y = many_rows(x2, n, k, [&](int64_t n0, int64_t n1) {
+      return weight.narrow(0, n0, n1 - n0).to(x.scalar_type()).mul_(s.narrow(0, n0, n1 - n0).unsqueeze(1));
+    });
+    return finish(y, x, bias, n);
   }
   auto w = weight.contiguous();
   auto s = scales.to(at::kFloat).contiguous();
