@@ -52,12 +52,20 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_chatglm3(tmp_path_factory.mktemp("tiny"))
 
 
-def test_chatglm3_replies_match_transformers_modules(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("own_ops", [True, False], ids=["catdog-ops", "torch-ops"])
+def test_chatglm3_replies_match_transformers_modules(tiny_dir, monkeypatch, own_ops):
+    """With catdog's ops (batched decode attention, fused norms, rotary, SiLU) and without them (no compiler: SDPA
+    per request and the modules' own norms)."""
+    import catdog_glm.chat.decoder as decoder
+
+    if not own_ops:
+        monkeypatch.setattr(decoder, "kernels_available", lambda: False)
     chat = load_chat_model(str(tiny_dir), dtype="fp32")
     chat.stop_ids = set()  # random weights: every request makes all its tokens
     want = _replies(chat, monkeypatch, lean=False)
     got = _replies(chat, monkeypatch, lean=True)
-    assert lean_decoder(chat.model) is not None
+    built = lean_decoder(chat.model)
+    assert built is not None and built.fusable
     assert got == want
 
 

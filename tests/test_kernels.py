@@ -154,6 +154,123 @@ def test_the_ops_have_shapes_for_torch_compile():
     )
 
 
+def _attention_case(batch, heads, kv_heads, head_dim, dtype, seed=0, layers=3):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [(7 * b + 3 * seed) % 50 for b in range(batch)]  # ragged, an empty cache among them
+    q = torch.randn(batch, heads, head_dim, generator=generator).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, head_dim, generator=generator).to(dtype) for _ in range(2))
+    caches = [
+        torch.randn(layers, 2, kv_heads, n + 1 + b % 3, head_dim, generator=generator).to(dtype)
+        for b, n in enumerate(lengths)
+    ]
+    return q, k, v, caches, lengths
+
+
+# head_dim: SmolLM2's 64, ChatGLM3's 128 and an odd one (the plain loop); heads per key head: 1, 3 (SmolLM2), 16 (GLM)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (9, 3, 64), (32, 2, 128), (6, 2, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_decode_attention_matches_sdpa_per_request_on_every_path(isa, heads, kv_heads, head_dim, dtype, batch):
+    q, k, v, caches, lengths = _attention_case(batch, heads, kv_heads, head_dim, dtype)
+    want_caches = [c.clone() for c in caches]
+    got = torch.ops.catdog.decode_attention(q, k, v, caches, 1, lengths, head_dim**-0.5)
+    want = reference.decode_attention(q, k, v, want_caches, 1, lengths, head_dim**-0.5)
+    _close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    assert got.dtype == dtype
+    for got_cache, want_cache in zip(caches, want_caches, strict=True):  # the new key/value written, nothing else
+        assert torch.equal(got_cache, want_cache)
+
+
+def test_decode_attention_gives_the_same_numbers_on_one_and_two_threads():
+    q, k, v, caches, lengths = _attention_case(7, 9, 3, 64, torch.float32, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(torch.ops.catdog.decode_attention(q, k, v, [c.clone() for c in caches], 0, lengths, 0.125))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+def test_decode_attention_refuses_a_full_cache_and_mismatched_inputs():
+    q, k, v, caches, lengths = _attention_case(2, 4, 2, 64, torch.float32)
+    full = [c[:, :, :, :n].contiguous() for c, n in zip(caches, lengths, strict=True)]
+    full[0] = caches[0]
+    with pytest.raises(RuntimeError, match="is full"):
+        torch.ops.catdog.decode_attention(q, k, v, full, 0, lengths, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of kv_heads"):
+        torch.ops.catdog.decode_attention(q[:, :3], k, v, caches, 0, lengths, 0.125)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        torch.ops.catdog.decode_attention(q, k.double(), v, caches, 0, lengths, 0.125)
+    with pytest.raises(RuntimeError, match="one cache and one length"):
+        torch.ops.catdog.decode_attention(q, k, v, caches[:1], 0, lengths, 0.125)
+    torch.library.opcheck(
+        torch.ops.catdog.decode_attention.default, (q, k, v, caches, 0, lengths, 0.125), test_utils="test_faketensor"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [576, 4096, 37])  # SmolLM2, ChatGLM3, odd
+def test_fused_rms_norm_matches_the_transformers_module(isa, dtype, width):
+    from transformers.models.glm.modeling_glm import GlmRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(width)
+    x, delta = (torch.randn(3, 19, width, generator=generator).to(dtype) for _ in range(2))
+    for norm in (LlamaRMSNorm(width, eps=1e-5), GlmRMSNorm(width, eps=1e-6)):
+        norm.weight.data = torch.rand(width, generator=generator) + 0.5
+        norm.to(dtype).requires_grad_(False)
+        want = norm(x + delta)
+        total, got = torch.ops.catdog.add_rms_norm(x, delta, norm.weight, norm.variance_epsilon)
+        assert torch.equal(total, x + delta)
+        # the mean square in double against torch's fp32 sum: at most one rounding apart (in bf16, rarely)
+        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-22
+        torch.testing.assert_close(got, want, rtol=ulp, atol=ulp)
+        if dtype == torch.bfloat16:
+            assert (got != want).float().mean() < 0.01
+        plain = torch.ops.catdog.rms_norm(x, norm.weight, norm.variance_epsilon)
+        torch.testing.assert_close(plain, norm(x), rtol=ulp, atol=ulp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_embeddings_match_llama_and_glm_exactly(isa, dtype):
+    from transformers.models.glm import modeling_glm
+    from transformers.models.llama import modeling_llama
+
+    generator = torch.Generator().manual_seed(3)
+    positions = torch.arange(11)[None]
+    for module, head_dim, width, interleaved in ((modeling_llama, 64, 64, False), (modeling_glm, 128, 64, True)):
+        q = torch.randn(11, 32, head_dim, generator=generator).to(dtype)
+        k = torch.randn(11, 2, head_dim, generator=generator).to(dtype)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, width, 2).float() / width))
+        angles = positions[..., None].float() * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # [1, tokens, width], as rotary_emb returns
+        want_q, want_k = module.apply_rotary_pos_emb(q[None], k[None], cos, sin, unsqueeze_dim=2)
+        torch.ops.catdog.rope_(q, k, cos[0].contiguous(), sin[0].contiguous(), interleaved)
+        assert torch.equal(q, want_q[0]) and torch.equal(k, want_k[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_times_up_matches_the_mlp(isa, dtype):
+    generator = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(7, 2 * 1539, generator=generator).to(dtype) * 6  # an odd width: the vector loop's tail
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = up * torch.nn.functional.silu(gate)
+    got = torch.ops.catdog.silu_mul(gate_up)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:  # the vectorized exp is within ~1e-7 of libm's
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for op, args in (
+        (torch.ops.catdog.silu_mul.default, (gate_up,)),
+        (torch.ops.catdog.rms_norm.default, (gate, torch.ones(1539, dtype=dtype), 1e-6)),
+    ):
+        torch.library.opcheck(op, args, test_utils="test_faketensor")
+
+
 def test_a_kernel_that_disagrees_with_the_reference_is_not_used(monkeypatch):
     monkeypatch.setattr(
         reference, "q4_linear", lambda x, w, s, mins=None, bias=None: torch.zeros(x.shape[0], w.shape[0])

@@ -4,10 +4,11 @@ machinery.
 transformers' classes still load and check the weights (and serve plain forwards, `generate()` and the tests'
 references); this module reads the loaded modules and runs a packed step itself: query/key/value as one matrix
 product and gate/up as one (the three and two weights concatenated once, the original modules left as views into
-them, so no memory is added), the model family's own rotary function, each request's attention against its own KV
-cache, the output head only for the rows that sample. Measured on a 2-core Xeon, a decode step through transformers'
-modules spent more time around the matrix products than in them on the 135M SmolLM2 (~8 of 18 ms in int4 kernels),
-and ~50 ms of a 215 ms ChatGLM3-6B step.
+them, so no memory is added), the model family's own rotary function, the attention of every running request in
+one call of catdog's decode-attention kernel (each against its own KV cache; prompts through SDPA), the output head
+only for the rows that sample. Measured on a 2-core Xeon, a decode step through transformers' modules spent
+more time around the matrix products than in them on the 135M SmolLM2 (~8 of 18 ms in int4 kernels), and
+~50 ms of a 215 ms ChatGLM3-6B step.
 
 Families: decoder layers of `input_layernorm -> self_attn(q, k, v, o) -> post_attention_layernorm -> mlp` with a
 gate/up MLP (Llama, SmolLM2, Qwen2, Mistral without a sliding window, and GLM, which ChatGLM3 loads as); others
@@ -23,10 +24,12 @@ import torch
 from torch import nn
 
 from catdog_glm.chat.kernels import FEW_ROWS, MANY_ROWS
+from catdog_glm.chat.kernels import available as kernels_available
 from catdog_glm.chat.quantize import Int4Linear, Int8Linear, TorchInt4Linear
 
 log = logging.getLogger(__name__)
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what catdog::decode_attention computes in
 ATTRIBUTE = "_catdog_decoder"  # where a model keeps its decoder (built once: building fuses weights in place)
 
 
@@ -96,6 +99,20 @@ def _project(module: nn.Module, x: torch.Tensor, decode_rows: int) -> torch.Tens
     return torch.cat([module(x[:, :decode_rows], path=FEW_ROWS), module(x[:, decode_rows:], path=MANY_ROWS)], dim=1)
 
 
+# RMSNorm modules written as `weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype)`, what catdog::rms_norm computes
+_RMS_NORMS = {"LlamaRMSNorm", "GlmRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"}
+
+
+def _rms_norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    if type(norm).__name__ not in _RMS_NORMS or not hasattr(norm, "variance_epsilon"):
+        return None
+    return norm.weight, float(norm.variance_epsilon)
+
+
+def _is_silu(act) -> bool:
+    return type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
 class _Layer:
     """One decoder layer's pieces, read from the transformers module."""
 
@@ -104,6 +121,7 @@ class _Layer:
         self.index = index
         self.in_norm = layer.input_layernorm.forward
         self.post_norm = layer.post_attention_layernorm.forward
+        self.norm_weights = [_rms_norm_weight(n) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         projections = [attn.q_proj, attn.k_proj, attn.v_proj]
         self.sizes = [m.out_features for m in projections]
         self.qkv = _fuse(projections)
@@ -114,10 +132,12 @@ class _Layer:
         if hasattr(mlp, "gate_up_proj"):  # GLM: [gate | up] in one matrix, up * act(gate)
             self.gate_up = mlp.gate_up_proj
             self.act = mlp.activation_fn.forward
+            self.silu = _is_silu(mlp.activation_fn)
         else:
             self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
             self.gate, self.up = mlp.gate_proj, mlp.up_proj
             self.act = mlp.act_fn.forward
+            self.silu = _is_silu(mlp.act_fn)
         self.down = mlp.down_proj
 
     def attention_inputs(self, h: torch.Tensor, decode_rows: int):
@@ -125,7 +145,14 @@ class _Layer:
             return _project(self.qkv, h, decode_rows).split(self.sizes, dim=-1)
         return tuple(_project(m, h, decode_rows) for m in (self.q, self.k, self.v))
 
-    def mlp(self, h: torch.Tensor, decode_rows: int) -> torch.Tensor:
+    @property
+    def fusable(self) -> bool:
+        """Whether catdog's fused ops compute this layer's norms and activation (RMSNorm, SiLU, gate/up fused)."""
+        return self.silu and self.gate_up is not None and all(w is not None for w in self.norm_weights)
+
+    def mlp(self, h: torch.Tensor, decode_rows: int, fused: bool = False) -> torch.Tensor:
+        if fused:
+            return _project(self.down, torch.ops.catdog.silu_mul(_project(self.gate_up, h, decode_rows)), decode_rows)
         if self.gate_up is not None:
             gate, up = _project(self.gate_up, h, decode_rows).chunk(2, dim=-1)
         else:
@@ -175,49 +202,103 @@ class LeanDecoder:
         self.norm = inner.norm.forward
         self.head = model.lm_head
         self.rope = sys.modules[type(model).__module__].apply_rotary_pos_emb
+        # GLM rotates interleaved pairs over part of each head; Llama, Qwen2 and Mistral the two halves of all of it
+        self.interleaved_rope = type(model).__name__ == "GlmForCausalLM"
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.layers = [_Layer(layer, i) for i, layer in enumerate(inner.layers)]
+        self.head_dim = self.layers[0].head_dim
+        self.fusable = all(layer.fusable for layer in self.layers)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, segments: list, last: torch.Tensor):
-        """ids, positions: [tokens]; segments: (start, count, KV cache) of each request's tokens in the row; last: the
-        rows whose next token is sampled. Returns logits [len(last), vocab]."""
+        """ids, positions: [tokens]; segments: (start, count, SequenceKV) of each request's tokens in the row, running
+        requests (one token each) first; last: the rows whose next token is sampled. Returns logits [len(last),
+        vocab]. Writes this step's keys and values into the caches; the caller advances their lengths."""
         from torch.nn.functional import scaled_dot_product_attention
 
         x = self.embed(ids[None])
         cos, sin = self.rotary(x, positions[None])
         tokens = ids.shape[0]
         grouped = self.kv_heads != self.heads
-        decode_rows = 0  # the scheduler puts running requests (one token each) first
+        decode_rows = 0
         for _, count, _ in segments:
             if count != 1:
                 break
             decode_rows += 1
-        for layer in self.layers:
-            q, k, v = layer.attention_inputs(layer.in_norm(x), decode_rows)
-            q = q.view(1, tokens, -1, layer.head_dim).transpose(1, 2)
-            k = k.view(1, tokens, -1, layer.head_dim).transpose(1, 2)
-            v = v.view(1, tokens, -1, layer.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
-            outputs = []
-            for start, count, kv in segments:
-                span = slice(start, start + count)
-                keys, values = kv.append(layer.index, k[:, :, span], v[:, :, span])
-                # a prefill (count > 1) starts from an empty cache, so SDPA's own causal flag is the right mask
-                outputs.append(
-                    scaled_dot_product_attention(
-                        q[:, :, span],
-                        keys,
-                        values,
-                        is_causal=count > 1,
-                        scale=layer.scaling,
-                        enable_gqa=grouped,
-                    )
+        for _, count, kv in segments:
+            kv.ensure(count, self.kv_heads, self.head_dim, x)
+        # every running request's attention in one kernel call (catdog's, CPU); prompts and other devices: SDPA
+        batched = decode_rows > 0 and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and kernels_available()
+        if batched:
+            caches = [kv.data for _, _, kv in segments[:decode_rows]]
+            lengths = [kv.length for _, _, kv in segments[:decode_rows]]
+        # catdog's fused norms, rotary and SiLU on the CPU (a dozen aten ops per call fewer); elsewhere the modules'
+        fused = (
+            self.fusable
+            and x.device.type == "cpu"
+            and x.dtype in _KERNEL_DTYPES
+            and all(w.dtype == x.dtype for layer in self.layers for w, _ in layer.norm_weights)
+            and kernels_available()
+        )
+        if fused:
+            cos, sin = cos[0].contiguous(), sin[0].contiguous()
+            weight, eps = self.layers[0].norm_weights[0]
+            h = torch.ops.catdog.rms_norm(x, weight, eps)
+        for i, layer in enumerate(self.layers):
+            if not fused:
+                h = layer.in_norm(x)
+            q, k, v = layer.attention_inputs(h, decode_rows)
+            if fused:
+                q = q.reshape(tokens, -1, layer.head_dim).contiguous()
+                k = k.reshape(tokens, -1, layer.head_dim).contiguous()
+                torch.ops.catdog.rope_(q, k, cos, sin, self.interleaved_rope)
+            else:
+                # [1, tokens, heads, head_dim]: a token's heads side by side, as the kernel and projections want them
+                q, k = self.rope(
+                    q.view(1, tokens, -1, layer.head_dim),
+                    k.view(1, tokens, -1, layer.head_dim),
+                    cos,
+                    sin,
+                    unsqueeze_dim=2,
                 )
-            attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-            x = x + _project(layer.o, attended.transpose(1, 2).reshape(1, tokens, -1), decode_rows)
-            x = x + layer.mlp(layer.post_norm(x), decode_rows)
+                q, k = q[0], k[0]
+            v = v.view(tokens, -1, layer.head_dim)
+            outputs = []
+            each = segments
+            if batched:
+                attended = torch.ops.catdog.decode_attention(
+                    q[:decode_rows], k[:decode_rows], v[:decode_rows], caches, layer.index, lengths, layer.scaling
+                )
+                outputs.append(attended.view(decode_rows, -1))
+                each = segments[decode_rows:]
+            for start, count, kv in each:
+                span = slice(start, start + count)
+                keys, values = kv.write(layer.index, k[span], v[span])
+                # a prefill (count > 1) starts from an empty cache, so SDPA's own causal flag is the right mask
+                attended = scaled_dot_product_attention(
+                    q[span].transpose(0, 1)[None],
+                    keys,
+                    values,
+                    is_causal=count > 1,
+                    scale=layer.scaling,
+                    enable_gqa=grouped,
+                )
+                outputs.append(attended[0].transpose(0, 1).reshape(count, -1))
+            attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+            attended = _project(layer.o, attended[None], decode_rows)
+            if not fused:
+                x = x + attended
+                x = x + layer.mlp(layer.post_norm(x), decode_rows)
+                continue
+            weight, eps = layer.norm_weights[1]
+            x, h = torch.ops.catdog.add_rms_norm(x, attended, weight, eps)  # residual + attention, then the norm
+            out = layer.mlp(h, decode_rows, fused=True)
+            if i + 1 < len(self.layers):
+                weight, eps = self.layers[i + 1].norm_weights[0]
+                x, h = torch.ops.catdog.add_rms_norm(x, out, weight, eps)
+            else:
+                x = x + out
         rows = last.shape[0]  # one per request: always the few-rows kernel
         return _project(self.head, self.norm(x[:, last]), rows)[0]
 

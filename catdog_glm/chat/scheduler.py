@@ -164,29 +164,41 @@ class Request:
 
 
 class SequenceKV:
-    """One request's keys and values per layer, in buffers that grow by doubling up to what the request reserved."""
+    """One request's keys and values for every layer in one tensor, [layers, 2 (keys, values), kv_heads, capacity,
+    head_dim], grown by doubling up to what the request reserved. One tensor per request (not one per layer) lets
+    catdog's decode-attention kernel take every request's cache in one call; `length` counts the positions written
+    by finished steps (a step writes at `length` in each layer; the scheduler then calls `advance`)."""
 
-    def __init__(self, reserved: int):
-        self.reserved = reserved
-        self.layers: dict[int, tuple[Any, Any, int]] = {}
+    def __init__(self, reserved: int, layers: int):
+        self.reserved, self.layers = reserved, layers
+        self.data = None
+        self.length = 0
 
-    def append(self, layer: int, key, value):
-        """Add this step's keys/values ([1, kv_heads, n, head_dim]); return all of them so far (views)."""
-        buf_k, buf_v, length = self.layers.get(layer, (None, None, 0))
-        need = length + key.shape[2]
-        if buf_k is None or need > buf_k.shape[2]:
-            old = 0 if buf_k is None else buf_k.shape[2]
-            capacity = max(need, min(self.reserved, max(2 * old, need + 32)))
-            shape = (key.shape[0], key.shape[1], capacity, key.shape[3])
-            new_k, new_v = key.new_empty(shape), value.new_empty(shape)
-            if length:
-                new_k[:, :, :length] = buf_k[:, :, :length]
-                new_v[:, :, :length] = buf_v[:, :, :length]
-            buf_k, buf_v = new_k, new_v
-        buf_k[:, :, length:need] = key
-        buf_v[:, :, length:need] = value
-        self.layers[layer] = (buf_k, buf_v, need)
-        return buf_k[:, :, :need], buf_v[:, :, :need]
+    def ensure(self, extra: int, kv_heads: int, head_dim: int, like) -> None:
+        """Room for `extra` more positions (allocated like `like`: its dtype and device)."""
+        need = self.length + extra
+        capacity = 0 if self.data is None else self.data.shape[3]
+        if need <= capacity:
+            return
+        capacity = max(need, min(self.reserved, max(2 * capacity, need + 32)))
+        data = like.new_empty((self.layers, 2, kv_heads, capacity, head_dim))
+        if self.length:
+            data[:, :, :, : self.length] = self.data[:, :, :, : self.length]
+        self.data = data
+
+    def write(self, layer: int, keys, values):
+        """Put this step's keys/values ([n, kv_heads, head_dim]) after the cached ones; return all of this layer's
+        so far as [1, kv_heads, length + n, head_dim] views."""
+        n = keys.shape[0]
+        if layer == 0:
+            self.ensure(n, keys.shape[1], keys.shape[2], keys)
+        end = self.length + n
+        self.data[layer, 0, :, self.length : end] = keys.transpose(0, 1)
+        self.data[layer, 1, :, self.length : end] = values.transpose(0, 1)
+        return self.data[layer, 0, :, :end][None], self.data[layer, 1, :, :end][None]
+
+    def advance(self, n: int) -> None:
+        self.length += n
 
 
 @dataclass
@@ -210,7 +222,8 @@ def _packed_attention(fallback, module, query, key, value, attention_mask, catdo
     scale = kwargs.get("scaling")
     outputs = []
     for start, count, kv in catdog_batch.segments:
-        k, v = kv.append(module.layer_idx, key[:, :, start : start + count], value[:, :, start : start + count])
+        span = slice(start, start + count)
+        k, v = kv.write(module.layer_idx, key[0, :, span].transpose(0, 1), value[0, :, span].transpose(0, 1))
         # a prefill (count > 1) starts from an empty cache, so SDPA's own causal flag is the right mask
         q = query[:, :, start : start + count]
         outputs.append(scaled_dot_product_attention(q, k, v, is_causal=count > 1, scale=scale, enable_gqa=grouped))
@@ -323,6 +336,7 @@ class Scheduler:
         self.steps = 0  # forward steps run
         self.peak_batch = 0  # the most requests one step has served
         self._no_mask = None
+        self._layers = 0  # the model's decoder layers (each request's KV cache holds them all)
 
     # ---- any thread -----------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -489,8 +503,15 @@ class Scheduler:
         if self._packed is None:
             self._packed = enable_packed_attention(self.chat_model.model)
             if not self._packed:
-                log.info("%s does not use transformers' attention interface: one request per forward")
-            elif os.environ.get(LEAN_DECODER_ENV, "1") != "0":
+                log.info(
+                    "%s does not use transformers' attention interface: one request per forward",
+                    type(self.chat_model.model).__name__,
+                )
+            else:
+                config = self.chat_model.model.config
+                config = config.get_text_config() if hasattr(config, "get_text_config") else config
+                self._layers = config.num_hidden_layers
+            if self._packed and os.environ.get(LEAN_DECODER_ENV, "1") != "0":
                 from catdog_glm.chat.decoder import lean_decoder
 
                 self._decoder = lean_decoder(self.chat_model.model)
@@ -511,31 +532,34 @@ class Scheduler:
             ids.append(request.generated[-1])
             positions.append(len(request.prompt) + len(request.generated) - 1)
         for request in new:
-            request.kv = SequenceKV(request.reserved)
+            request.kv = SequenceKV(request.reserved, self._layers)
             segments.append((len(ids), len(request.prompt), request.kv))
             ids += request.prompt
             positions += range(len(request.prompt))
             last.append(len(ids) - 1)
         device = self.chat_model.device
         if self._decoder is not None:
-            return self._decoder(
+            logits = self._decoder(
                 torch.tensor(ids, device=device),
                 torch.tensor(positions, device=device),
                 segments,
                 torch.tensor(last, device=device),
             )
-        if self._no_mask is None:
-            # an (unused) 4D mask: transformers then skips building a causal mask for the packed row
-            self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
-        out = self.chat_model.model(
-            input_ids=torch.tensor([ids], device=device),
-            position_ids=torch.tensor([positions], device=device),
-            attention_mask=self._no_mask,
-            use_cache=False,
-            logits_to_keep=torch.tensor(last, device=device),
-            catdog_batch=PackedBatch(segments),
-        )
-        return out.logits[0]
+        else:
+            if self._no_mask is None:
+                # an (unused) 4D mask: transformers then skips building a causal mask for the packed row
+                self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+            logits = self.chat_model.model(
+                input_ids=torch.tensor([ids], device=device),
+                position_ids=torch.tensor([positions], device=device),
+                attention_mask=self._no_mask,
+                use_cache=False,
+                logits_to_keep=torch.tensor(last, device=device),
+                catdog_batch=PackedBatch(segments),
+            ).logits[0]
+        for _, count, kv in segments:
+            kv.advance(count)
+        return logits
 
     def _forward_each(self, running: list[Request], new: list[Request]):
         """One forward per request, each with its own DynamicCache (models without the attention interface)."""

@@ -1,6 +1,6 @@
-"""catdog's own CPU kernels for quantized Linear layers: C++ (csrc/kernels.cpp) registered as torch.library ops
-(`torch.ops.catdog.q4_linear`, `q8_linear`, `q4_quantize`, `q4_dequantize`), so the model, the scheduler and
-torch.compile see ordinary ops.
+"""catdog's own CPU kernels for quantized Linear layers and decode attention: C++ (csrc/kernels.cpp, attention.h)
+registered as torch.library ops (`torch.ops.catdog.q4_linear`, `q8_linear`, `q4_quantize`, `q4_dequantize`,
+`decode_attention`), so the model, the scheduler and torch.compile see ordinary ops.
 
 Why our own: torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) turns every weight into a float and multiplies in
 fp32, which is compute-bound at about half the memory bandwidth on the 2-core machines we measure on; llama.cpp, its
@@ -105,6 +105,21 @@ def _register_fakes() -> None:
 
     torch.library.register_fake("catdog::q4_dequantize", dequantize)
 
+    def decode_attention(q, k, v, caches, layer, lengths, scale):
+        return q.new_empty(q.shape)
+
+    torch.library.register_fake("catdog::decode_attention", decode_attention)
+    torch.library.register_fake("catdog::rms_norm", lambda x, weight, eps: torch.empty_like(x))
+    torch.library.register_fake(
+        "catdog::add_rms_norm", lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x))
+    )
+    torch.library.register_fake("catdog::rope_", lambda q, k, cos, sin, interleaved: None)
+
+    def silu_mul(gate_up):
+        return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+    torch.library.register_fake("catdog::silu_mul", silu_mul)
+
 
 def self_check(module) -> str | None:
     """Every path this CPU has against the plain reference at a few shapes; a message when one disagrees."""
@@ -140,8 +155,65 @@ def self_check(module) -> str | None:
                     for name, got, want in pairs:
                         if not torch.allclose(got, want, rtol=1e-4, atol=1e-3 * float(want.abs().max())):
                             return f"the {isa} {name} kernel disagrees with the reference (K={k}, {rows} rows)"
+        for isa in module.supported_isas():
+            module.set_isa(isa)
+            problem = _check_attention(generator) or _check_fused(generator)
+            if problem:
+                return f"the {isa} {problem}"
     finally:
         module.set_isa(chosen)
+    return None
+
+
+def _check_attention(generator) -> str | None:
+    """decode_attention against SDPA per request: grouped heads, ragged lengths, fp32 and bf16."""
+    import torch
+
+    from catdog_glm.chat.kernels import reference
+
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        lengths = [0, 5, 37]
+        q = torch.randn(3, 6, 16, generator=generator).to(dtype)
+        k, v = (torch.randn(3, 2, 16, generator=generator).to(dtype) for _ in range(2))
+        caches = [torch.randn(2, 2, 2, n + 3, 16, generator=generator).to(dtype) for n in lengths]
+        want_caches = [c.clone() for c in caches]
+        got = torch.ops.catdog.decode_attention(q, k, v, caches, 1, lengths, 0.25)
+        want = reference.decode_attention(q, k, v, want_caches, 1, lengths, 0.25)
+        if not torch.allclose(got.float(), want.float(), atol=tolerance, rtol=tolerance):
+            return f"attention kernel disagrees with SDPA ({dtype})"
+        if not all(torch.equal(a, b) for a, b in zip(caches, want_caches, strict=True)):
+            return f"attention kernel wrote its cache wrongly ({dtype})"
+    return None
+
+
+def _check_fused(generator) -> str | None:
+    """RMSNorm, rotary embeddings and SiLU * up against transformers' formulas, fp32 and bf16."""
+    import torch
+
+    from catdog_glm.chat.kernels import reference
+
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x, residual = (torch.randn(5, 40, generator=generator).to(dtype) for _ in range(2))
+        weight = torch.rand(40, generator=generator).to(dtype)
+        total, normed = torch.ops.catdog.add_rms_norm(x, residual, weight, 1e-6)
+        pairs = [
+            ("rms_norm", torch.ops.catdog.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6)),
+            ("add_rms_norm", normed, reference.rms_norm(x + residual, weight, 1e-6)),
+            ("residual add", total, x + residual),
+        ]
+        gate_up = torch.randn(3, 2 * 37, generator=generator).to(dtype) * 4
+        pairs.append(("silu_mul", torch.ops.catdog.silu_mul(gate_up), reference.silu_mul(gate_up)))
+        for interleaved, width in ((False, 16), (True, 8)):
+            q, k = torch.randn(4, 6, 16, generator=generator).to(dtype), torch.randn(4, 2, 16, generator=generator)
+            k = k.to(dtype)
+            angles = torch.rand(4, width, generator=generator) * 6
+            cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+            want_q, want_k = reference.rope(q, k, cos, sin, interleaved)
+            torch.ops.catdog.rope_(q, k, cos, sin, interleaved)
+            pairs += [("rope", q, want_q), ("rope", k, want_k)]
+        for name, got, want in pairs:
+            if got.dtype != want.dtype or not torch.allclose(got.float(), want.float(), atol=tolerance, rtol=tolerance):
+                return f"fused {name} disagrees with transformers' formula ({dtype})"
     return None
 
 

@@ -80,3 +80,59 @@ def q8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias=
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def decode_attention(q, k_new, v_new, caches, layer: int, lengths: list[int], scale: float) -> torch.Tensor:
+    """What catdog::decode_attention computes, with torch's SDPA per request: the new keys/values written into each
+    cache at its length, then each request's one query against its length + 1 positions. Mutates `caches`."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    out = []
+    for b, (cache, length) in enumerate(zip(caches, lengths, strict=True)):
+        cache[layer, 0, :, length] = k_new[b]
+        cache[layer, 1, :, length] = v_new[b]
+        keys, values = cache[layer, 0, :, : length + 1], cache[layer, 1, :, : length + 1]
+        query = q[b][None, :, None].float()  # [1, heads, 1, D]
+        attended = scaled_dot_product_attention(
+            query, keys[None].float(), values[None].float(), scale=scale, enable_gqa=keys.shape[0] != q.shape[1]
+        )
+        out.append(attended[0, :, 0].to(q.dtype))
+    return torch.stack(out) if out else q.new_empty(q.shape)
+
+
+def rms_norm(x, weight, eps: float):
+    """Llama's / GLM's RMSNorm, as transformers writes it."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope(q, k, cos, sin, interleaved: bool):
+    """transformers' apply_rotary_pos_emb for q, k [tokens, heads, head_dim] and cos, sin [tokens, width]: Llama's
+    (halves, the whole head) or GLM's (interleaved pairs over the first `width` dimensions)."""
+    cos, sin = cos[:, None], sin[:, None]
+    if not interleaved:
+
+        def rotate(x):
+            half = x.shape[-1] // 2
+            return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+        width = cos.shape[-1]
+        return tuple(
+            torch.cat([x[..., :width] * cos + rotate(x[..., :width]) * sin, x[..., width:]], dim=-1) for x in (q, k)
+        )
+    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
+    width = cos.shape[-1]
+
+    def rotate_pairs(x):
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+    return tuple(
+        torch.cat([x[..., :width] * cos + rotate_pairs(x[..., :width]) * sin, x[..., width:]], dim=-1) for x in (q, k)
+    )
+
+
+def silu_mul(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return up * torch.nn.functional.silu(gate)

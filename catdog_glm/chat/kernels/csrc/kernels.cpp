@@ -781,11 +781,19 @@ static void set_max_small_rows(int64_t rows) { g_max_small_rows.store(rows); }
 
 }  // namespace catdog
 
+#include "attention.h"
+#include "fused.h"
+
 TORCH_LIBRARY(catdog, m) {
   m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins=None, Tensor? bias=None, int path=0) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None, int path=0) -> Tensor");
   m.def("q4_quantize(Tensor weight, bool asymmetric=False) -> (Tensor, Tensor, Tensor)");
   m.def("q4_dequantize(Tensor qweight, Tensor scales, Tensor? mins, ScalarType dtype) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool interleaved) -> ()");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!)[] caches, int layer, int[] lengths, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(catdog, CPU, m) {
@@ -793,6 +801,11 @@ TORCH_LIBRARY_IMPL(catdog, CPU, m) {
   m.impl("q8_linear", &catdog::q8_linear);
   m.impl("q4_quantize", &catdog::q4_quantize);
   m.impl("q4_dequantize", &catdog::q4_dequantize);
+  m.impl("decode_attention", &catdog::decode_attention);
+  m.impl("rms_norm", &catdog::rms_norm);
+  m.impl("add_rms_norm", &catdog::add_rms_norm);
+  m.impl("rope_", &catdog::rope_);
+  m.impl("silu_mul", &catdog::silu_mul);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
