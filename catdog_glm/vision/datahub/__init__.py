@@ -1,0 +1,31 @@
+"""Datasets by name into the ImageFolder layout `catdog train` reads: `catdog data pull ID`, `--data ID`.
+
+Sources (one class each, registered in `core.SOURCES`): Hugging Face Hub parquet datasets (`owner/name[@rev]`),
+ModelScope (`modelscope:owner/name`), Kaggle (`kaggle:competition`, `kaggle:owner/dataset`) and archive URLs."""
+
+from catdog_glm.vision.datahub.base import DataRef, PullProgress
+from catdog_glm.vision.datahub.core import (
+    SOURCES,
+    CachedDataset,
+    PulledDataset,
+    cached_dataset,
+    datasets_dir,
+    list_datasets,
+    parse_data_ref,
+    pull_dataset,
+    resolve_data,
+)
+
+__all__ = [
+    "SOURCES",
+    "CachedDataset",
+    "DataRef",
+    "PullProgress",
+    "PulledDataset",
+    "cached_dataset",
+    "datasets_dir",
+    "list_datasets",
+    "parse_data_ref",
+    "pull_dataset",
+    "resolve_data",
+]
