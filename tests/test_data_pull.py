@@ -108,7 +108,9 @@ def petimages_tar() -> bytes:
     """Microsoft's own layout as a .tar.gz: PetImages/Cat/*.jpg, PetImages/Dog/*.jpg, a Thumbs.db, a 0-byte jpg."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as t:
-        members = {f"PetImages/{n.title()}/{i}.jpg": jpeg(label, i) for label, n in enumerate(CLASSES) for i in range(5)}
+        members = {
+            f"PetImages/{n.title()}/{i}.jpg": jpeg(label, i) for label, n in enumerate(CLASSES) for i in range(5)
+        }
         members |= {"PetImages/Cat/Thumbs.db": b"\0" * 10, "PetImages/Dog/11702.jpg": b"", "readme.txt": b"hi"}
         for name, data in members.items():
             info = tarfile.TarInfo(name)
@@ -253,6 +255,7 @@ def test_hf_revision_limit_and_seeded_split(hub, tmp_path):
     assert json.loads((v1 / "dataset.json").read_text())["revision"] == hub.datasets[DATASET].refs["v1"]
 
     args = ("data", "pull", DATASET, "--limit", "4", "--val-split", "0.5", "--seed", "7")
+    del hub.log[:]
     catdog(*args, env=env)
     limited = [p for p in pulled(tmp_path) if p != v1]
     assert [p.name for p in limited] == ["hf--microsoft--cats_vs_dogs-limit4-val0.5-seed7"]
@@ -393,3 +396,36 @@ def test_train_and_eval_by_dataset_id(hub, tmp_path):
     catdog(*train, *small, "--output", tmp_path / "again", env=env)
     scored = json.loads(catdog("eval", "--checkpoint", out / "best.pt", "--data", DATASET, "--json", env=env).stdout)
     assert scored["split"] == "val" and scored["n"] == 4
+
+
+def test_full_disk_is_one_error_and_leaves_nothing(hub, tmp_path, monkeypatch):
+    """Checked before downloading (the archive's size against the free space), and a disk that fills up while
+    images are written: a DataError with the fix, and no folder that looks complete."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from catdog_glm.errors import DataError
+    from catdog_glm.vision.datahub import pull_dataset
+
+    monkeypatch.setenv("CATDOG_CACHE_DIR", str(tmp_path / "catdog-cache"))
+    url = f"{hub.url}/files/cats.zip"
+    usage = namedtuple("usage", "total used free")
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5000, 5000))
+    with pytest.raises(DataError, match="not enough disk space for .*cats.zip.*CATDOG_CACHE_DIR"):
+        pull_dataset(url)
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "move", full)
+    with pytest.raises(DataError, match="the disk filled up while writing .*nothing was kept as complete"):
+        pull_dataset(url)
+    assert pulled(tmp_path) == []
+    monkeypatch.undo()
+    monkeypatch.setenv("CATDOG_CACHE_DIR", str(tmp_path / "catdog-cache"))
+    assert pull_dataset(url).manifest["images"] == 10  # the download was kept: only the images are written now
+    # one GET learnt the size for the disk check, one downloaded it; writing the images again needed none
+    assert len(hub.requests("GET", "/files/cats.zip")) == 2

@@ -131,11 +131,14 @@ def _decode_error(item: Item) -> str | None:
     return None
 
 
-def _batches(items: Iterable[Item], n: int) -> Iterator[list[Item]]:
+def _batches(items: Iterable[Item | None], n: int) -> Iterator[list[Item]]:
+    """Lists of up to `n` items; a None (the end of a shard) ends a list early, so that a --limit reached in one
+    shard is known before the next shard is downloaded."""
     batch: list[Item] = []
     for item in items:
-        batch.append(item)
-        if len(batch) == n:
+        if item is not None:
+            batch.append(item)
+        if len(batch) == n or (item is None and batch):
             yield batch
             batch = []
     if batch:
@@ -204,7 +207,7 @@ def _arrange(out: Path, written: dict, val_split: float, seed: int, what: str) -
 # --- where items come from ----------------------------------------------------------------------------------
 
 
-def _items(fetched: Fetched, what: str, skipped: list, shard_done) -> Iterator[Item]:
+def _items(fetched: Fetched, what: str, skipped: list, shard_done) -> Iterator[Item | None]:
     if fetched.shards:
         yield from _parquet_items(fetched, what, skipped, shard_done)
     if fetched.folder is not None:
@@ -243,7 +246,7 @@ def _columns(schema, what: str, shard: str) -> tuple[str, str]:
     return image, label
 
 
-def _parquet_items(fetched: Fetched, what: str, skipped: list, shard_done) -> Iterator[Item]:
+def _parquet_items(fetched: Fetched, what: str, skipped: list, shard_done) -> Iterator[Item | None]:
     import pyarrow.parquet as pq
 
     for shard in fetched.shards:
@@ -272,6 +275,7 @@ def _parquet_items(fetched: Fetched, what: str, skipped: list, shard_done) -> It
                     name = path or f"{split or 'image'}-{Path(shard).stem}-{row - 1:06d}"
                     cls = (names[value] if names else str(value)).lower()
                     yield Item(split=split, label=cls, name=name, where=where, data=blob)
+            yield None  # the end of a shard
         except DataError:
             raise
         except Exception as e:  # pyarrow's ArrowInvalid, OSError on a truncated file
@@ -290,7 +294,7 @@ def extract_archives(folder: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
     for archive in sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(ARCHIVES)):
-        into = target / archive.name.split(".")[0]
+        into = target / archive.name  # not its stem: train.zip must not read as a split folder named train
         try:
             if archive.name.lower().endswith(".zip"):
                 with zipfile.ZipFile(archive) as z:
