@@ -140,7 +140,7 @@ def pull(
 ) -> None:
     """Download a dataset by name into train/<class>/ and val/<class>/ with a dataset.json; later runs need no network.
 
-    Example: catdog data pull microsoft/cats_vs_dogs --limit 200 && catdog train --data microsoft/cats_vs_dogs
+    Example: catdog data pull microsoft/cats_vs_dogs && catdog train --data microsoft/cats_vs_dogs
     """
     from catdog_glm.vision.datahub import pull_dataset
 
@@ -166,8 +166,10 @@ def pull(
     )
     if m["skipped"]:
         console.print(f"[yellow]{len(m['skipped'])} file(s) skipped[/] (listed in {result.path / 'dataset.json'})")
+    # the id finds this folder only as pulled with the defaults (a --limit or another split has a folder of its own)
+    by_id = not out and not limit and (val_split, seed) == (0.2, 42)
     console.print(
-        f"Train on it:  catdog train --data {result.path if out else m['id']}", highlight=False, soft_wrap=True
+        f"Train on it:  catdog train --data {m['id'] if by_id else result.path}", highlight=False, soft_wrap=True
     )
 
 
