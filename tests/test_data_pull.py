@@ -93,10 +93,16 @@ def hf_files(per_shard: int = 6, pad: int = 0) -> dict[str, bytes]:
     return files
 
 
-def kaggle_zip(per_class: int = 5) -> bytes:
-    """The competition's train.zip: train/cat.0.jpg ... train/dog.4.jpg, and one corrupt cat."""
+def kaggle_zip(per_class: int = 5, pad: int = 0) -> bytes:
+    """The competition's train.zip: train/cat.0.jpg ... train/dog.4.jpg, and one corrupt cat; `pad` adds a CSV of
+    that many incompressible bytes (kagglehub writes 1 MiB at a time: a cut must leave some of it on disk)."""
+    import base64
+    import os
+
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as z:
+        if pad:
+            z.writestr("train/notes.csv", base64.b64encode(os.urandom(pad * 3 // 4)))
         for label, name in enumerate(CLASSES):
             for i in range(per_class):
                 z.writestr(f"train/{name}.{i}.jpg", jpeg(label, i))
@@ -129,7 +135,7 @@ def hub():
         server.add("owner/cats", hf_files(), repo_type="dataset")  # ModelScope serves the same repos here
         server.files["cats.zip"] = kaggle_zip()
         server.files["petimages.tar.gz"] = petimages_tar()
-        server.kaggle["dogs-vs-cats"] = {"train.zip": kaggle_zip(), "test1.zip": b"unlabelled"}
+        server.kaggle["dogs-vs-cats"] = {"train.zip": kaggle_zip(pad=3 * 2**20), "test1.zip": b"unlabelled"}
         yield server
 
 
@@ -360,17 +366,29 @@ def test_kaggle_competition(hub, tmp_path):
     assert "401" in error_line(catdog("data", "pull", "kaggle:dogs-vs-cats", env=wrong, ok=False))
     env |= {"KAGGLE_USERNAME": "kaggle-user", "KAGGLE_KEY": "kaggle-key"}
     assert "(404)" in error_line(catdog("data", "pull", "kaggle:no-such-competition", env=env, ok=False))
-    catdog("data", "pull", "kaggle:dogs-vs-cats", env=env)
+    hub.cut("train.zip", times=1)
+    cut = error_line(catdog("data", "pull", "kaggle:dogs-vs-cats", env=env, ok=False))
+    assert "interrupted" in cut and "catdog data pull kaggle:dogs-vs-cats" in cut
+    assert pulled(tmp_path) == []
+    catdog("data", "pull", "kaggle:dogs-vs-cats", env=env)  # kagglehub goes on from where the cut left it
+    ranged = [h.get("range") for _, p, h in hub.requests("GET", "train.zip")]
+    assert ranged[-1].startswith("bytes=") and ranged[-1] != "bytes=0-", ranged
     (folder,) = pulled(tmp_path)
     manifest = json.loads((folder / "dataset.json").read_text())
     assert manifest["images"] == 10 and [s["file"] for s in manifest["skipped"]] == ["train/cat.999.jpg"]
     assert not hub.requests(contains="test1.zip")  # only the labelled train.zip is downloaded
+    offline = data_env(tmp_path / "off", KAGGLE_USERNAME="kaggle-user", KAGGLE_KEY="kaggle-key")
+    line = error_line(catdog("data", "pull", "kaggle:dogs-vs-cats", env=offline, ok=False))
+    assert "kaggle:dogs-vs-cats" in line and "cannot be reached" in line and "copy its images in" in line
 
 
 @pytest.mark.skipif(not HAS_MODELSCOPE, reason="the optional modelscope package is not installed")
 def test_modelscope_dataset(hub, tmp_path):
     env = data_env(tmp_path, hub)
+    hub.cut("train-00001-of-00002.parquet", times=1)  # ModelScope's client goes on from where the cut left it
     catdog("data", "pull", "modelscope:owner/cats", env=env)
+    ranged = [h.get("range") for _, p, h in hub.requests("GET", "train-00001-of-00002.parquet")]
+    assert ranged[0] is None and ranged[-1].startswith("bytes=") and ranged[-1] != "bytes=0-", ranged
     (folder,) = pulled(tmp_path)
     manifest = json.loads((folder / "dataset.json").read_text())
     assert manifest["source"] == "modelscope" and manifest["images"] == 24 and len(manifest["skipped"]) == 2
