@@ -344,7 +344,11 @@ def test_archive_url_kaggle_style_zip_with_sha256(hub, tmp_path):
     assert sum(manifest["counts"]["val"].values()) == 2  # the zip has train/ only: a seeded val split
 
     missing = catdog("data", "pull", f"{hub.url}/files/nope.zip", env=env, ok=False)
-    assert "(404)" in error_line(missing)
+    assert "(404)" in error_line(missing) and "check the URL" in error_line(missing)
+    hub.files["junk.zip"] = b"<html>a login page, not an archive</html>"
+    junk = error_line(catdog("data", "pull", f"{hub.url}/files/junk.zip", env=env, ok=False))
+    assert "junk.zip is not a readable archive" in junk and "download it anew" in junk
+    assert len(pulled(tmp_path)) == 1
 
 
 def test_archive_url_petimages_tar(hub, tmp_path):
@@ -447,3 +451,21 @@ def test_full_disk_is_one_error_and_leaves_nothing(hub, tmp_path, monkeypatch):
     assert pull_dataset(url).manifest["images"] == 10  # the download was kept: only the images are written now
     # one GET learnt the size for the disk check, one downloaded it; writing the images again needed none
     assert len(hub.requests("GET", "/files/cats.zip")) == 2
+
+
+@pytest.mark.parametrize(
+    "dataset, modules, hint",
+    [
+        ("kaggle:dogs-vs-cats", ["kagglehub", "kagglehub.config"], "pip install kagglehub"),
+        ("modelscope:owner/cats", ["modelscope", "modelscope.hub", "modelscope.hub.snapshot_download"], "modelscope"),
+    ],
+)
+def test_missing_optional_client_is_a_one_line_hint(tmp_path, monkeypatch, dataset, modules, hint):
+    from catdog_glm.errors import DataError
+    from catdog_glm.vision.datahub import pull_dataset
+
+    monkeypatch.setenv("CATDOG_CACHE_DIR", str(tmp_path))
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(DataError, match=f"need the optional .*{hint}"):
+        pull_dataset(dataset)

@@ -3,7 +3,7 @@
 Sources (one class each, registered in `core.SOURCES`): Hugging Face Hub parquet datasets (`owner/name[@rev]`),
 ModelScope (`modelscope:owner/name`), Kaggle (`kaggle:competition`, `kaggle:owner/dataset`) and archive URLs."""
 
-from catdog_glm.vision.datahub.base import DataRef, PullProgress
+from catdog_glm.vision.datahub.base import DataRef, Fetched, PullProgress, Source
 from catdog_glm.vision.datahub.core import (
     SOURCES,
     CachedDataset,
@@ -13,6 +13,7 @@ from catdog_glm.vision.datahub.core import (
     list_datasets,
     parse_data_ref,
     pull_dataset,
+    register_source,
     resolve_data,
 )
 
@@ -20,12 +21,15 @@ __all__ = [
     "SOURCES",
     "CachedDataset",
     "DataRef",
+    "Fetched",
     "PullProgress",
     "PulledDataset",
+    "Source",
     "cached_dataset",
     "datasets_dir",
     "list_datasets",
     "parse_data_ref",
     "pull_dataset",
+    "register_source",
     "resolve_data",
 ]

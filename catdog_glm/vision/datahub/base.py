@@ -159,7 +159,7 @@ def hub_error(ref: DataRef, source: Source, error: BaseException, cache: Path) -
             f"{ref.name} has no revision {ref.revision!r} on {source.hub} (404): pass an existing branch, tag or commit"
         )
     if status == 404 or names & {"RepositoryNotFoundError", "NotExistError", "EntryNotFoundError"}:
-        what = "the id and the revision" if ref.revision else "the id"
+        what = "the URL" if ref.source == "url" else "the id and the revision" if ref.revision else "the id"
         return DatasetNotFoundError(f"{ref} was not found on {source.hub} at {source.endpoint} (404): check {what}")
     if names & _CUT or "Consistency check failed" in str(error):
         return DatasetHubError(

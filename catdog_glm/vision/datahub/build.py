@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from catdog_glm.errors import DataError, ImageError
 from catdog_glm.vision.data import SPLITS, read_labelled, split_stratified
-from catdog_glm.vision.datahub.base import Fetched, PullProgress
+from catdog_glm.vision.datahub.base import Fetched, PullProgress, first_line
 from catdog_glm.vision.images import is_image_file, open_image
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def _parquet_items(fetched: Fetched, what: str, skipped: list, shard_done) -> It
             if local != Path(shard):  # a downloaded shard: drop it so the next pull downloads it anew
                 Path(local).unlink(missing_ok=True)
             raise DataError(
-                f"{shard} of {what} is not a readable parquet file ({type(e).__name__}: {str(e)[:200]}); it was "
+                f"{shard} of {what} is not a readable parquet file ({type(e).__name__}: {first_line(e)}); it was "
                 f"deleted: run `catdog data pull` again to download it anew"
             ) from e
 
@@ -296,20 +296,26 @@ def extract_archives(folder: Path) -> Path:
     for archive in sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(ARCHIVES)):
         into = target / archive.name  # not its stem: train.zip must not read as a split folder named train
         try:
-            if archive.name.lower().endswith(".zip"):
+            if zipfile.is_zipfile(archive):  # by content: a link without an extension may serve either kind
                 with zipfile.ZipFile(archive) as z:
                     for member in z.namelist():
                         if member.startswith("/") or ".." in PurePosixPath(member).parts:
                             raise DataError(f"{archive.name} holds a file outside its folder ({member}); not unpacked")
                     z.extractall(into)
             else:
-                with tarfile.open(archive) as t:
-                    t.extractall(into, filter="data")
+                with tarfile.open(archive) as t:  # any compression; "data" refuses links and paths outside `into`
+                    if hasattr(tarfile, "data_filter"):
+                        t.extractall(into, filter="data")
+                    else:  # Python before 3.10.12 / 3.11.4
+                        for member in t.getmembers():
+                            if not (member.isfile() or member.isdir()) or ".." in PurePosixPath(member.name).parts:
+                                raise DataError(f"{archive.name} holds {member.name}, a link or outside path")
+                        t.extractall(into)
         except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
             archive.unlink(missing_ok=True)
             raise DataError(
-                f"{archive.name} is not a readable archive ({type(e).__name__}: {e}); it was deleted: pull again to "
-                "download it anew"
+                f"{archive.name} is not a readable archive ({type(e).__name__}: {first_line(e)}); it was deleted: pull "
+                "again to download it anew"
             ) from e
     return target
 

@@ -64,6 +64,11 @@ def datasets_dir() -> Path:
     return cache_dir() / "datasets"
 
 
+def register_source(source: Source) -> None:
+    """Add a source (or replace one) under its `key`: ids written `key:...` go to it."""
+    SOURCES[source.key] = source
+
+
 def parse_data_ref(text: str) -> DataRef | None:
     """An id any source understands, or None (then it is meant as a folder)."""
     text = text.strip()
@@ -125,8 +130,9 @@ def pull_dataset(
     started = time.perf_counter()
     raw = datasets_dir() / ".downloads" / ref.slug
     raw.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a pull that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         fetched = source.fetch(ref, raw, progress, sha256=sha256, cache=target)
         tmp.mkdir(parents=True)
