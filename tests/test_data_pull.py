@@ -254,6 +254,18 @@ def test_hf_pull_writes_imagefolder_manifest_and_then_needs_no_network(hub, tmp_
     assert len(hub.log) == requests_before
 
 
+def test_two_pulls_at_once_download_once(hub, tmp_path):
+    """As the ranks of a torchrun job do: one pulls, the other waits for it and finds the finished folder."""
+    env = data_env(tmp_path, hub)
+    command = [sys.executable, "-m", "catdog_glm", "data", "pull", DATASET]
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    outs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outs
+    assert sorted("Already pulled" in out for out, _ in outs) == [False, True]
+    assert len(pulled(tmp_path)) == 1
+    assert len(hub.requests("GET", "train-00000-of-00002.parquet")) == 1
+
+
 def test_hf_revision_limit_and_seeded_split(hub, tmp_path):
     env = data_env(tmp_path, hub)
     catdog("data", "pull", f"{DATASET}@v1", env=env)

@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from catdog_glm import __version__
 from catdog_glm.errors import DataError, DatasetAccessError, DatasetNotFoundError
 from catdog_glm.paths import cache_dir
@@ -127,8 +129,19 @@ def pull_dataset(
     if out and target.exists() and any(target.iterdir()) and not (target / MANIFEST).is_file():
         raise DataError(f"{target} exists and is not a pulled dataset; choose a new --out folder")
     source = SOURCES[ref.source]
-    started = time.perf_counter()
-    raw = datasets_dir() / ".downloads" / ref.slug
+    downloads = datasets_dir() / ".downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    # one pull of an id at a time (the ranks of a torchrun job, two shells): the others wait, then find it pulled
+    with FileLock(str(downloads / f"{ref.slug}.lock")):
+        if (target / MANIFEST).is_file() and not force:
+            return PulledDataset(ref, target, _read_manifest(target), downloaded=False)
+        started = time.perf_counter()
+        manifest = _pull(ref, source, target, downloads / ref.slug, limit, val_split, seed, sha256, progress)
+    return PulledDataset(ref, target, manifest, downloaded=True, seconds=time.perf_counter() - started)
+
+
+def _pull(ref, source, target, raw, limit, val_split, seed, sha256, progress) -> dict:
+    """Download into `raw`, write the ImageFolder into a temp folder beside `target`, then rename it into place."""
     raw.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a pull that was killed
         shutil.rmtree(stale, ignore_errors=True)
@@ -165,7 +178,7 @@ def pull_dataset(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(raw, ignore_errors=True)  # complete: the downloads are not needed any more
-    return PulledDataset(ref, target, manifest, downloaded=True, seconds=time.perf_counter() - started)
+    return manifest
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
