@@ -10,7 +10,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from catdog_glm.cli._common import console, fail, user_errors
+from catdog_glm.config import TrainConfig
 
+D = TrainConfig()  # the split defaults `catdog train` uses, so that `--data ID` finds a default pull
 app = typer.Typer(
     help="Pull a dataset by name, list pulled ones, check one, or draw a small one.", no_args_is_help=True
 )
@@ -132,8 +134,8 @@ def pull(
     ],
     out: Annotated[Path | None, typer.Option(help="Write here instead of catdog's dataset cache.")] = None,
     limit: Annotated[int, typer.Option(help="Keep at most N images per class and split (0 = all).")] = 0,
-    val_split: Annotated[float, typer.Option(help="Validation share when the source has no val split.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of that split.")] = 42,
+    val_split: Annotated[float, typer.Option(help="Validation share when the source has no val split.")] = D.val_split,
+    seed: Annotated[int, typer.Option(help="Seed of that split.")] = D.seed,
     sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of an archive URL's file.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Pull again even if it is already pulled.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
@@ -167,7 +169,7 @@ def pull(
     if m["skipped"]:
         console.print(f"[yellow]{len(m['skipped'])} file(s) skipped[/] (listed in {result.path / 'dataset.json'})")
     # the id finds this folder only as pulled with the defaults (a --limit or another split has a folder of its own)
-    by_id = not out and not limit and (val_split, seed) == (0.2, 42)
+    by_id = not out and not limit and (val_split, seed) == (D.val_split, D.seed)
     console.print(
         f"Train on it:  catdog train --data {m['id'] if by_id else result.path}", highlight=False, soft_wrap=True
     )
@@ -209,8 +211,9 @@ def resolve_data_option(spec: str | None, *, val_split: float | None = None, see
     progress bars), so `catdog train --data microsoft/cats_vs_dogs` needs nothing else."""
     if spec is None or Path(spec).expanduser().exists():
         return spec
-    from catdog_glm.vision.datahub import resolve_data
+    from catdog_glm.vision.datahub import DEFAULT_SEED, DEFAULT_VAL_SPLIT, resolve_data
 
+    val_split = DEFAULT_VAL_SPLIT if val_split is None else val_split
     progress, callbacks = pull_progress()
     with progress:
-        return resolve_data(spec, val_split=val_split or 0.2, seed=42 if seed is None else seed, progress=callbacks)
+        return resolve_data(spec, val_split=val_split, seed=DEFAULT_SEED if seed is None else seed, progress=callbacks)

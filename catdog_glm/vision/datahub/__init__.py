@@ -5,6 +5,8 @@ ModelScope (`modelscope:owner/name`), Kaggle (`kaggle:competition`, `kaggle:owne
 
 from catdog_glm.vision.datahub.base import DataRef, Fetched, PullProgress, Source
 from catdog_glm.vision.datahub.core import (
+    DEFAULT_SEED,
+    DEFAULT_VAL_SPLIT,
     SOURCES,
     CachedDataset,
     PulledDataset,
@@ -18,6 +20,8 @@ from catdog_glm.vision.datahub.core import (
 )
 
 __all__ = [
+    "DEFAULT_SEED",
+    "DEFAULT_VAL_SPLIT",
     "SOURCES",
     "CachedDataset",
     "DataRef",

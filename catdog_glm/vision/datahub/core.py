@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from catdog_glm import __version__
+from catdog_glm.config import TrainConfig
 from catdog_glm.errors import DataError, DatasetAccessError, DatasetNotFoundError
 from catdog_glm.paths import cache_dir
 from catdog_glm.vision.datahub.base import DataRef, PullProgress, Source, disk_full_message
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 SOURCES: dict[str, Source] = {
     s.key: s for s in (HuggingFaceSource(), ModelScopeSource(), KaggleSource(), ArchiveSource())
 }
-DEFAULT_VAL_SPLIT, DEFAULT_SEED = 0.2, 42
+# the split `catdog train` makes itself when data has no val split: a pull with these is the one --data ID finds
+DEFAULT_VAL_SPLIT, DEFAULT_SEED = TrainConfig.val_split, TrainConfig.seed
 MANIFEST = "dataset.json"
 
 
