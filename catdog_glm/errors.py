@@ -47,3 +47,19 @@ class ModelOfflineError(HubError):
 
 class DiskFullError(HubError):
     """The model cache's disk has no room for the download."""
+
+
+class DatasetHubError(DataError):
+    """A dataset id (Hugging Face, ModelScope, Kaggle or an archive URL) could not be turned into a local folder."""
+
+
+class DatasetNotFoundError(DatasetHubError):
+    """The source has no such dataset, revision or file (404)."""
+
+
+class DatasetAccessError(DatasetHubError):
+    """The dataset is private or gated, or credentials are missing or wrong (401/403)."""
+
+
+class DatasetOfflineError(DatasetHubError):
+    """The dataset is not in the local cache and its source cannot be reached."""

@@ -55,6 +55,8 @@ def test_help_lists_every_subcommand_and_is_fast():
         "serve-chat",
         "data check",
         "data synth",
+        "data pull",
+        "data list",
         "export chat",
         "export classifier",
     ],

@@ -1,14 +1,7 @@
-"""Where catdog keeps what it makes on a user's machine (converted models, built kernels, pulled models): one root,
-below every other chat module so that any of them can ask."""
+"""The chat modules' name for catdog's cache root; `catdog_glm.paths` owns it (datasets live there too)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from catdog_glm.paths import cache_dir
 
-
-def cache_dir() -> Path:
-    """$CATDOG_CACHE_DIR, else $XDG_CACHE_HOME/catdog-glm (~/.cache/catdog-glm)."""
-    if os.environ.get("CATDOG_CACHE_DIR"):
-        return Path(os.environ["CATDOG_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "catdog-glm"
+__all__ = ["cache_dir"]

@@ -49,7 +49,8 @@ def evaluate(
         str | None,
         typer.Option(
             help="Images to score: the training run's dataset (default; its own val split is scored) or any "
-            "folder of class folders (every image scored), with or without train/ val/ test/ split folders."
+            "folder of class folders (every image scored), with or without train/ val/ test/ split folders, or a "
+            "dataset id (see `catdog data pull`)."
         ),
     ] = None,
     split: Annotated[
@@ -84,11 +85,13 @@ def evaluate(
 
     Example: catdog eval --checkpoint checkpoint/best.pt --data test_photos --json
     """
+    from catdog_glm.cli.data import resolve_data_option
     from catdog_glm.vision.checkpoint import resolve_checkpoint
     from catdog_glm.vision.evaluate import evaluate_checkpoint
     from catdog_glm.vision.plots import plot_confusion_matrix
 
     path = resolve_checkpoint(checkpoint)
+    data = resolve_data_option(data, val_split=val_split, seed=seed)
     with Progress(console=console, disable=json_output, transient=True) as progress:
         task = progress.add_task("evaluating", total=None)
         evaluation = evaluate_checkpoint(

@@ -130,8 +130,8 @@ def train(
     data: Annotated[
         str,
         typer.Option(
-            help="Dataset root: ImageFolder (train/ val/ or <class>/), "
-            "train.csv + val.csv, or Kaggle-style cat.1.jpg files."
+            help="Dataset root: ImageFolder (train/ val/ or <class>/), train.csv + val.csv, or Kaggle-style "
+            "cat.1.jpg files; or a dataset id, pulled on first use (see `catdog data pull`)."
         ),
     ] = D.data,
     epochs: Annotated[int, typer.Option(help="Number of epochs.")] = D.epochs,
@@ -246,11 +246,12 @@ def train(
 
     Example: catdog train --data ../shared/data/catdog --epochs 1 --arch resnet18 --image-size 128 --pretrained none
     """
+    from catdog_glm.cli.data import resolve_data_option
     from catdog_glm.vision.trainer import RunComplete, saved_run_config
     from catdog_glm.vision.trainer import train as run_training
 
     cfg = TrainConfig(
-        data=data,
+        data=resolve_data_option(data, val_split=val_split, seed=seed),
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

@@ -190,6 +190,19 @@ def _label_index(layout: str, root: Path, raw: dict[str, list[tuple[Path, str]]]
     return classes, {c: i for i, c in enumerate(classes)}
 
 
+def read_labelled(root: str | Path) -> tuple[str, dict[str, list[tuple[Path, str]]]]:
+    """The layout under `root` and its (path, class name) rows by split folder or CSV list ("all" when there are no
+    splits): what `discover` reads, before any split is held out. Used to import downloaded archives."""
+    root = Path(root).expanduser()
+    _check_folder(root)
+    return _read_layout(root)
+
+
+def split_stratified(items: list[tuple[Path, str]], val_split: float, seed: int):
+    """(train, val): the seeded, per-class split that `discover` makes when a dataset has no val split."""
+    return _split_stratified(items, val_split, seed)
+
+
 def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 42) -> Dataset:
     """Find the layout under `root` and return its labelled splits for training. Raises DataError with the fix."""
     root = Path(root).expanduser()
