@@ -204,6 +204,53 @@ def test_json_object_cuts_a_reply_to_its_json(fake):
     assert reply.completion_tokens == len(reply.text)  # ended as the grammar completed: no step for a stop token
 
 
+def _whitespace_run(state) -> str:
+    """The longest whitespace a matcher lets come next, greedily: line breaks first, then tabs, then spaces."""
+    import torch
+
+    run = ""
+    while len(run) < 200:
+        mask = state.allowed(torch.zeros(259))
+        byte = next((b for b in b"\n\t " if mask is not None and mask[b]), None)
+        if byte is None:
+            return run
+        state.consume(byte)
+        run += chr(byte)
+    return run
+
+
+def test_json_whitespace_is_bounded_in_the_grammar(fake):
+    """A weak model must not spend max_tokens on whitespace: between JSON tokens at most one line break and a short
+    indent (it was 48 characters of any whitespace, line breaks included, per gap); also inside the JSON arguments
+    of a forced ChatGLM3 call, which had llguidance's unbounded default."""
+    from catdog_glm.chat import constrained
+    from catdog_glm.chat.constrained import Constraint
+    from catdog_glm.chat.tools import tool_constraint
+
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"xs": {"type": "array", "items": {"type": "integer"}}},
+                "required": ["xs"],
+            },
+        },
+    }
+    cases = [
+        (Constraint("json_object"), "{"),
+        (Constraint("json_schema", {"type": "object", "properties": {"a": {"type": "integer"}}}), "{"),
+        (tool_constraint([tool], "required", "chatglm3"), "f\n```python\ntool_call(xs=["),
+    ]
+    for constraint, prefix in cases:
+        state = constrained.compile(fake.model, constraint).start()
+        for byte in prefix.encode():
+            state.consume(byte)
+        run = _whitespace_run(state)
+        assert run.count("\n") <= 1 and len(run) <= 33, (constraint.kind, prefix, run)
+
+
 def test_masked_tokens_never_come_the_next_best_allowed_does(fake):
     # '!' is not allowed after the letters: the second-best 'x' is; then the script's end: the stop token
     reply = fake.chat(user("reply: 123-abc!"), temperature=0, constraint=Constraint("regex", r"[0-9]{3}-[a-z]+"))
