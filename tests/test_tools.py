@@ -356,6 +356,11 @@ def smol():
     return load_chat_model(None, dtype="fp32")
 
 
+def test_embedded_model_samples_as_its_card_recommends(smol):
+    """SmolLM2-135M-Instruct's card: temperature 0.2, top_p 0.9 (its GGUF ships no generation_config.json)."""
+    assert smol.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
+
+
 def test_embedded_model_gets_qwen_style_tools(smol):
     assert smol.tool_format == "hermes"
     messages = [
