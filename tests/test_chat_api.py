@@ -92,11 +92,14 @@ def test_a_closed_engine_answers_503_shutting_down(engine):
 
 def test_chatglm3_replies_come_without_their_metadata_line(engine):
     """Every ChatGLM3 reply starts with a metadata line (empty for plain text: "\\n Hello"); THUDM's
-    process_response strips it, and so do both routes, the same way."""
-    from catdog_glm.serve.chat_api import _reply_content
+    process_response strips it, and so does the engine's Generation, once for every front end
+    (tests/test_reply_content.py checks each)."""
+    from catdog_glm.chat.engine import reply_parser
 
-    assert _reply_content("chatglm3", "\n Hello there.\n") == "Hello there."
-    assert _reply_content(None, "\n Hello") == "\n Hello"  # other models' text is theirs
+    parser = reply_parser(engine.model)
+    parser.feed("\n Hello there.\n")
+    parser.finish()
+    assert parser.content == "Hello there."
     client = TestClient(create_api(engine, ApiLimits(max_tokens=8)))
     body = {"max_new_tokens": 6, "temperature": 0}
     book = client.post("/chat", json={"query": "hello", **body}).json()["response"]
@@ -104,5 +107,52 @@ def test_chatglm3_replies_come_without_their_metadata_line(engine):
         "/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0},
     ).json()["choices"][0]["message"]["content"]
-    raw = engine.chat([{"role": "user", "content": "hello"}], max_new_tokens=6, temperature=0).text
-    assert book == openai == _reply_content("chatglm3", raw)
+    chat = engine.chat([{"role": "user", "content": "hello"}], max_new_tokens=6, temperature=0).text
+    assert book == openai == chat and not chat.startswith(("\n", " "))
+
+
+def test_cors_stays_off_on_the_page_routes_too(engine):
+    """Gradio answers preflights on its own routes with allow-credentials and reflects localhost origins; with CORS
+    off (the README's default) no route grants anything, and an allowed origin is granted without credentials."""
+    pytest.importorskip("gradio")
+    from catdog_glm.serve.chat_server import create_chat_app
+
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    for origins, origin in (([], "http://localhost:7860"), ([], "http://evil.example"), (["http://app.example"], None)):
+        client = TestClient(create_chat_app(engine, ApiLimits(cors_origins=origins)), base_url="http://localhost:7860")
+        for path in ("/", "/gradio_api/queue/join", "/v1/chat/completions"):
+            r = client.options(path, headers={"Origin": origin or origins[0], **preflight})
+            assert "access-control-allow-credentials" not in r.headers, (path, dict(r.headers))
+            if origins:
+                assert r.headers["access-control-allow-origin"] == origins[0], path
+            else:
+                assert "access-control-allow-origin" not in r.headers, (path, dict(r.headers))
+
+
+def test_a_401_names_the_scheme_it_wants(engine):
+    client = TestClient(create_api(engine, ApiLimits(api_key="k")))
+    for r in (
+        client.get("/v1/models"),
+        client.post("/chat", json={"query": "hi"}, headers={"Authorization": "Bearer x"}),
+    ):
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.headers
+
+
+def test_completions_keep_the_leading_space_chatglm3_tokens_spell(engine):
+    """SentencePiece decodes a text's first piece without its space ("\u2581the" alone is "the"): a continuation
+    decoded alone lost the space its tokens spell, so `text` differed from the joined tokens, text_offset did not
+    line up and `echo` glued prompt and continuation."""
+    tokenizer = engine.model.tokenizer
+    the = tokenizer.sp.piece_to_id("\u2581the")  # a word piece: its text is " the"
+    assert tokenizer.decode([the]) == "the"
+    client = TestClient(create_api(engine, ApiLimits(max_tokens=8)))
+    body = {"prompt": "hello", "max_tokens": 3, "temperature": 0, "logit_bias": {str(the): 100}}
+    choice = client.post("/v1/completions", json=body | {"logprobs": 0}).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == "".join(lp["tokens"]) == " the the the"
+    assert all(choice["text"][o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"], strict=True))
+    echoed = client.post("/v1/completions", json=body | {"echo": True}).json()["choices"][0]["text"]
+    assert echoed == "hello the the the"
+    streamed = client.post("/v1/completions", json=body | {"stream": True}).text
+    pieces = [json.loads(x[6:])["choices"][0]["text"] for x in streamed.splitlines() if x.startswith("data: {")]
+    assert "".join(pieces) == " the the the"

@@ -446,13 +446,87 @@ def test_tool_calls_stream_as_openai_streams_them(client):
 
 
 def test_tool_choice_required_is_enforced(client):
-    # the script answers in plain text; the constraint makes it a call anyway
-    r = chat(client, "reply: no tools today", tools=[WEATHER], tool_choice="required", max_tokens=CAP).json()
+    # the script answers in plain text; the constraint makes it a call anyway (of a function without parameters:
+    # the fake model, made to write a string it does not want, would fill it with "x" up to the token limit)
+    clock = {
+        "type": "function",
+        "function": {"name": "get_time", "parameters": {"type": "object", "additionalProperties": False}},
+    }
+    r = chat(client, "reply: no tools today", tools=[clock], tool_choice="required", max_tokens=CAP).json()
     calls = r["choices"][0]["message"].get("tool_calls")
-    assert calls and calls[0]["function"]["name"] == "get_weather", r
+    assert calls and calls[0]["function"]["name"] == "get_time", r
+    assert r["choices"][0]["finish_reason"] == "tool_calls"
     named = {"type": "function", "function": {"name": "get_weather"}}
     r = chat(client, CALL, tools=[WEATHER], tool_choice=named).json()
     assert r["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize(
+    ("messages", "says"),
+    [
+        (  # no tool_call_id at all
+            [
+                *user("hi"),
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "call_1", "function": {"name": "get_weather", "arguments": "{}"}}],
+                },
+                {"role": "tool", "content": "sunny"},
+            ],
+            "needs 'tool_call_id'",
+        ),
+        ([*user("hi"), {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}], "must follow an assistant"),
+        (
+            [
+                *user("hi"),
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "call_1", "function": {"name": "get_weather", "arguments": "{}"}}],
+                },
+                {"role": "tool", "tool_call_id": "call_9", "content": "x"},
+            ],
+            "'call_9' names no call",
+        ),
+    ],
+    ids=["no-id", "no-call-before", "unknown-id"],
+)
+def test_a_tool_message_must_answer_a_call_before_it(client, messages, says):
+    r = client.post("/v1/chat/completions", json={"messages": messages, "tools": [WEATHER], "temperature": 0})
+    assert says in assert_openai_error(r, 400, "messages")["message"]
+
+
+def test_a_tool_call_cut_by_max_tokens_is_a_length_finish_and_no_call(client):
+    # 40 tokens cut it before its arguments, 60 inside them ('{"city": "Pa': it came back as a "tool_calls" finish)
+    for limit in (40, 60):
+        body = {"messages": user(CALL), "tools": [WEATHER], "temperature": 0, "max_tokens": limit}
+        r = client.post("/v1/chat/completions", json=body).json()
+        choice = r["choices"][0]
+        assert choice["finish_reason"] == "length" and not choice["message"].get("tool_calls"), choice
+        assert not choice["message"]["content"]  # the half call is not shown as text either
+        got = events(client, "/v1/chat/completions", body | {"stream": True})
+        assert [c["finish_reason"] for e in got[:-1] for c in e["choices"] if c["finish_reason"]] == ["length"]
+    # the whole call within the limit is a call, as before
+    whole = client.post("/v1/chat/completions", json=body | {"max_tokens": CAP}).json()["choices"][0]
+    assert whole["finish_reason"] == "tool_calls" and len(whole["message"]["tool_calls"]) == 1
+
+
+def test_required_parallel_calls_end_once_the_model_wants_no_more(client):
+    # the model writes one call and then wants to talk: the grammar may end after the call, so the reply ends there
+    # (it used to force call after call until max_tokens, the last one cut in half)
+    text = CALL + "\nThat is all I need."
+    r = chat(client, text, tools=[WEATHER], tool_choice="required", max_tokens=CAP).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    [call] = choice["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert r["usage"]["completion_tokens"] <= len(CALL) - len("reply: ") + 1  # the call and its newline
+    two = CALL + "\n" + CALL.removeprefix("reply: ").replace("Paris", "Rome") + "\nDone."
+    r = chat(client, two, tools=[WEATHER], tool_choice="required", max_tokens=CAP).json()
+    calls = r["choices"][0]["message"]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris", "Rome"]
+    assert r["choices"][0]["finish_reason"] == "tool_calls"
 
 
 def test_response_format_json_schema_and_json_object(client):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from catdog_glm.chat.engine import ChatEngine, Constraint
@@ -202,6 +204,53 @@ def test_json_object_cuts_a_reply_to_its_json(fake):
     )
     assert reply.text == '{"a": [1, 2]}' and reply.finish_reason == "stop"
     assert reply.completion_tokens == len(reply.text)  # ended as the grammar completed: no step for a stop token
+
+
+def _whitespace_run(state) -> str:
+    """The longest whitespace a matcher lets come next, greedily: line breaks first, then tabs, then spaces."""
+    import torch
+
+    run = ""
+    while len(run) < 200:
+        mask = state.allowed(torch.zeros(259))
+        byte = next((b for b in b"\n\t " if mask is not None and mask[b]), None)
+        if byte is None:
+            return run
+        state.consume(byte)
+        run += chr(byte)
+    return run
+
+
+def test_json_whitespace_is_bounded_in_the_grammar(fake):
+    """A weak model must not spend max_tokens on whitespace: between JSON tokens at most one line break and a short
+    indent (it was 48 characters of any whitespace, line breaks included, per gap); also inside the JSON arguments
+    of a forced ChatGLM3 call, which had llguidance's unbounded default."""
+    from catdog_glm.chat import constrained
+    from catdog_glm.chat.constrained import Constraint
+    from catdog_glm.chat.tools import tool_constraint
+
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"xs": {"type": "array", "items": {"type": "integer"}}},
+                "required": ["xs"],
+            },
+        },
+    }
+    cases = [
+        (Constraint("json_object"), "{"),
+        (Constraint("json_schema", {"type": "object", "properties": {"a": {"type": "integer"}}}), "{"),
+        (tool_constraint([tool], "required", "chatglm3"), "f\n```python\ntool_call(xs=["),
+    ]
+    for constraint, prefix in cases:
+        state = constrained.compile(fake.model, constraint).start()
+        for byte in prefix.encode():
+            state.consume(byte)
+        run = _whitespace_run(state)
+        assert run.count("\n") <= 1 and len(run) <= 33, (constraint.kind, prefix, run)
 
 
 def test_masked_tokens_never_come_the_next_best_allowed_does(fake):
@@ -535,5 +584,30 @@ def test_fit_keeps_working_when_the_template_refuses_the_shortest_conversation()
     try:
         ids, dropped = engine.fit(history, budget, continue_final=True)
         assert dropped == len(history) - 2 and ids == encode(history[-2:], continue_final=True)
+    finally:
+        engine.close()
+
+
+# ---- where a request's sampling defaults come from ------------------------------------------------------------------
+def test_sampling_defaults_come_from_the_model_and_requests_override_them(tmp_path):
+    from catdog_glm.chat.sampling import DEFAULT_TOP_P, generation_config_defaults
+
+    shipped = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05}
+    (tmp_path / "generation_config.json").write_text(json.dumps({**shipped, "do_sample": True, "eos_token_id": 2}))
+    assert generation_config_defaults(tmp_path) == shipped  # what vLLM's --generation-config auto reads
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "generation_config.json").write_text(json.dumps({"temperature": -1, "top_p": 0.5}))
+    assert generation_config_defaults(bad) == {"top_p": 0.5}  # a value Sampling refuses is left out
+    assert generation_config_defaults(tmp_path / "none") == {}
+    model = fake_chat_model()
+    model.sampling_defaults = {"temperature": 0.0}
+    engine = ChatEngine(model, max_batch_size=2, max_batch_tokens=1 << 14)
+    try:
+        assert engine.sampling_defaults()["temperature"] == 0.0 and engine.info()["sampling_defaults"]["top_p"] == 0.8
+        assert engine._sampling({"temperature": None}).temperature == 0.0  # None: not set
+        assert engine._sampling({"temperature": 0.7}).temperature == 0.7  # the request wins
+        assert engine._sampling({}).top_p == DEFAULT_TOP_P
+        assert engine.chat(user("reply: greedy by the model's default")).text == "greedy by the model's default"
     finally:
         engine.close()

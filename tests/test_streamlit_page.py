@@ -72,6 +72,48 @@ def test_page_as_a_client_of_a_running_server(monkeypatch):
         proc.wait(timeout=30)
 
 
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_streamlit_child_dies_with_its_parent_on_kill_9(tmp_path):
+    """`kill -9` of `catdog serve-chat --ui streamlit` runs no handler of ours; the child (here a stand-in for
+    Streamlit, started by the real runner) must not outlive it and keep the port."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child_code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent_code = (
+        "import sys\n"
+        "from catdog_glm.serve import streamlit_runner as r\n"
+        f"r.streamlit_command = lambda host, port: [sys.executable, '-c', {child_code!r}]\n"
+        f"r.run_streamlit(host='127.0.0.1', port={free_port()})\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(timeout=10)
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie waits only to be reaped
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gone = not alive(child)
+    if not gone:
+        os.kill(child, signal.SIGKILL)
+    assert gone, "the child outlived its parent"
+
+
 def test_without_the_extra_the_command_says_how_to_install(monkeypatch):
     import importlib.util
 

@@ -356,6 +356,11 @@ def smol():
     return load_chat_model(None, dtype="fp32")
 
 
+def test_embedded_model_samples_as_its_card_recommends(smol):
+    """SmolLM2-135M-Instruct's card: temperature 0.2, top_p 0.9 (its GGUF ships no generation_config.json)."""
+    assert smol.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
+
+
 def test_embedded_model_gets_qwen_style_tools(smol):
     assert smol.tool_format == "hermes"
     messages = [
@@ -562,11 +567,30 @@ def test_tiny_chatglm3_forced_calls_come_back_as_tool_calls(tmp_path):
             reply = engine.chat(
                 messages, tools=tools, constraint=constraint, temperature=0.7, seed=1, max_new_tokens=40
             )
-            parser = ToolCallParser(chat.tool_format, tools)
-            parser.feed(reply.text)
-            parser.finish()
-            assert reply.finish_reason == "stop" and parser.content is None, reply.text
-            assert len(parser.tool_calls) == 1 and parser.tool_calls[0]["function"]["arguments"] == "{}"
-            assert parser.tool_calls[0]["function"]["name"] in names
+            # the engine's reply is already read in the model's format: the call is in tool_calls, no text
+            assert reply.finish_reason == "stop" and reply.text == "", reply.text
+            assert len(reply.tool_calls) == 1 and reply.tool_calls[0]["function"]["arguments"] == "{}"
+            assert reply.tool_calls[0]["function"]["name"] in names
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(
+    ("tool_format", "text"),
+    [
+        ("chatglm3", "now\n```python\ntool_call("),
+        ("chatglm3", "now\n```python\ntool_call()"),  # parses, yet the limit came before the block's end
+        ("hermes", '<tool_call>\n{"name": "now", "arguments": {'),
+        ("hermes", '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "n'),
+    ],
+)
+def test_a_call_cut_by_the_token_limit_is_neither_a_call_nor_text(tool_format, text):
+    complete = 1 if text.count("</tool_call>") else 0
+    parser = ToolCallParser(tool_format, TOOLS)
+    parser.feed(text)
+    parser.finish(cut=True)
+    assert parser.cut_call and len(parser.tool_calls) == complete and parser.content is None
+    whole = ToolCallParser(tool_format, TOOLS)  # the same text ended by the model itself: as before
+    whole.feed(text)
+    whole.finish()
+    assert not whole.cut_call

@@ -29,9 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("json_object", "json_schema", "lark", "regex")
-# JSON between tokens: at most this much whitespace (llguidance's default allows any amount, and a small model can
-# then fill the whole reply with newlines); enough for pretty-printed JSON several levels deep
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,48}"
+# JSON between tokens (llguidance's `whitespace_pattern`): one space, or one line break and an indent of at most 32
+# spaces or tabs, so pretty-printed JSON still fits but a weak model cannot spend its max_tokens on whitespace
+# (llguidance's default allows any amount; a run of 48 with any number of line breaks was allowed here before)
+JSON_WHITESPACE = r"(?:\x20?|\x0A[\x20\x09]{0,32})"
+JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE}  # every JSON grammar the server builds
 CACHE_SIZE = 64  # compiled constraints kept per model
 _lock = threading.Lock()
 
@@ -43,12 +45,16 @@ class Constraint:
 
     kind: str
     spec: Any = None
+    # end the reply at the first point where the grammar may end and the model's own first choice is a token the
+    # grammar does not allow (the model wants to go on with something else): parallel tool calls end once the calls
+    # are complete, instead of the grammar forcing the model to open call after call until the token limit
+    end_when_unwanted: bool = False
 
     def grammar(self) -> str:
         """The llguidance grammar (not yet checked against a vocabulary); ConfigError for a malformed spec."""
         from llguidance import LLMatcher
 
-        options = {"whitespace_pattern": JSON_WHITESPACE}
+        options = dict(JSON_OPTIONS)
         if self.kind == "json_object":
             return LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=options)
         if self.kind == "json_schema":
@@ -78,7 +84,7 @@ class Constraint:
             spec = json.dumps(self.spec, sort_keys=True, ensure_ascii=False)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"the {self.kind} constraint cannot be written as JSON: {e}") from e
-        return f"{self.kind}\0{spec}"
+        return f"{self.kind}\0{int(self.end_when_unwanted)}\0{spec}"
 
 
 MAX_SCHEMA_DEPTH = 256  # nested objects/arrays in a JSON schema, its $refs followed
@@ -234,7 +240,14 @@ class CompiledConstraint:
         self.eos = frozenset(tokenizer.eos_tokens)
 
     def start(self) -> ConstraintState:
-        return ConstraintState(self._matcher.deep_copy(), self.tokenizer.vocab_size, self.eos, self.constraint.kind)
+        c = self.constraint
+        return ConstraintState(
+            self._matcher.deep_copy(),
+            self.tokenizer.vocab_size,
+            self.eos,
+            c.kind,
+            end_when_unwanted=c.end_when_unwanted,
+        )
 
 
 def compile(chat_model, constraint: Constraint) -> CompiledConstraint:  # noqa: A001 - the word the design uses
@@ -262,8 +275,9 @@ def compile(chat_model, constraint: Constraint) -> CompiledConstraint:  # noqa: 
 class ConstraintState:
     """One request's matcher: `allowed(row)` before a token, `consume(token)` after it."""
 
-    def __init__(self, matcher, vocab_size: int, eos: frozenset[int], kind: str):
+    def __init__(self, matcher, vocab_size: int, eos: frozenset[int], kind: str, *, end_when_unwanted: bool = False):
         self._matcher, self._size, self.eos, self.kind = matcher, vocab_size, eos, kind
+        self.end_when_unwanted = end_when_unwanted
 
     def allowed(self, row: torch.Tensor) -> torch.Tensor | None:
         """A bool mask over `row`'s vocabulary of the tokens that may come next; None when the matcher failed or
@@ -282,6 +296,11 @@ class ConstraintState:
         if not bool(mask.any()):
             log.warning("constrained decoding stopped: the grammar allows no token of this model")
             return None
+        if self.end_when_unwanted:
+            ends = [t for t in self.eos if t < width and mask[t]]
+            if ends and not bool(mask[int(row.argmax())]):
+                mask = torch.zeros_like(mask)
+                mask[ends] = True  # the grammar may end here and the model wants what it cannot have: end
         return mask
 
     def is_end(self, token: int) -> bool:

@@ -11,12 +11,14 @@ window), hands them to the scheduler and gives the caller a `Generation` to read
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from catdog_glm.chat.constrained import Constraint
 from catdog_glm.chat.loading import ChatModel
+from catdog_glm.chat.messages import content_text, normalize_messages
 from catdog_glm.chat.sampling import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -25,6 +27,7 @@ from catdog_glm.chat.sampling import (
 )
 from catdog_glm.chat.scheduler import EngineClosedError, Reply, Request, Scheduler, default_limits
 from catdog_glm.chat.streaming import END, LoopInbox, Piece, ThreadInbox, TokenLogprob
+from catdog_glm.chat.tools import ContentDelta
 from catdog_glm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,82 +49,31 @@ __all__ = [
 ]
 
 
-ROLES = ("system", "user", "assistant", "tool", "observation")
-EXTRA_KEYS = ("tool_calls", "tool_call_id", "name", "metadata")  # kept as they are, for the prompt builders
+def reply_parser(model: ChatModel, tools: list | None = None, *, parallel: bool = True, continued: bool = False):
+    """The reader of a reply in the model's format (content and tool calls out of its text), or None where the text
+    is the content as it comes. ChatGLM3 always has one: every reply starts with a metadata line (empty for plain
+    text) that THUDM's own `process_response` strips too. The one place that decides; `Generation` applies it."""
+    if not tools and model.tool_format != "chatglm3":
+        return None
+    from catdog_glm.chat.tools import ToolCallParser
 
-
-def _content(content, where: str) -> str:
-    """A message's text: a string, or OpenAI's content parts when all are text; lone surrogates are refused."""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ConfigError(f"{where} has a content part of type {kind!r}; only text parts are supported")
-            texts.append(part["text"])
-        content = "".join(texts)
-    text = str(content)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ConfigError(f"{where} is not valid text ({e.reason}: a lone surrogate {text[e.start]!r})") from None
-    return text
-
-
-def _check_tool_keys(message: dict, where: str) -> None:
-    """The extra keys as the prompt builders read them (the book's /chat passes history dicts as they come):
-    `tool_calls` a list of {"function": {"name": str, "arguments": JSON text or object}}, the others strings."""
-    from catdog_glm.chat.tools import call_arguments
-
-    calls = message.get("tool_calls")
-    if calls is not None:
-        if not isinstance(calls, list):
-            raise ConfigError(f"{where}: tool_calls must be a list of calls")
-        for i, call in enumerate(calls):
-            call_arguments(call, f"{where}: tool_calls[{i}]")
-    for key in ("tool_call_id", "name"):
-        if key in message and not isinstance(message[key], str):
-            raise ConfigError(f"{where}: {key} must be a string")
-
-
-def normalize_messages(history) -> list[dict]:
-    """ChatGLM3-style/OpenAI [{"role", "content", ...}] or the book's [[query, answer], ...] pairs -> messages.
-    Roles: system, user, assistant, tool, observation; an assistant message with `tool_calls` may have no content;
-    `tool_calls`, `tool_call_id`, `name` and `metadata` are kept."""
-    messages: list[dict] = []
-    for n, item in enumerate(history or []):
-        if isinstance(item, dict):
-            role = item.get("role")
-            if role not in ROLES:
-                if "role" not in item:
-                    raise ConfigError("each message needs a 'role' and a 'content'")
-                raise ConfigError(f"message {n} has unknown role {role!r}; use one of {', '.join(ROLES)}")
-            content = item.get("content")
-            if content is None:
-                if not (role == "assistant" and item.get("tool_calls")):
-                    raise ConfigError("each message needs a 'role' and a 'content'")
-                content = ""
-            message = {"role": role, "content": _content(content, f"message {n}")}
-            message.update((k, item[k]) for k in EXTRA_KEYS if item.get(k) is not None)
-            _check_tool_keys(message, f"message {n}")
-            messages.append(message)
-        elif isinstance(item, (list, tuple)) and len(item) == 2:
-            query, answer = item
-            messages += [
-                {"role": "user", "content": _content(query, f"history item {n}")},
-                {"role": "assistant", "content": _content(answer, f"history item {n}")},
-            ]
-        else:
-            raise ConfigError(f"cannot read history item {item!r}: use {{'role', 'content'}} or [query, answer]")
-    return messages
+    return ToolCallParser(model.tool_format, tools or [], parallel=parallel, continued=continued)
 
 
 class Generation:
     """A reply being generated: iterate it (or `async for` it, when created inside an event loop) for text pieces;
-    `cancel()` frees its place in the batch within one step; when the pieces end, `reply` is set (or `error`)."""
+    `cancel()` frees its place in the batch within one step; when the pieces end, `reply` is set (or `error`).
 
-    def __init__(self, scheduler: Scheduler, request: Request):
+    The text pieces, `text()` and `reply` are the reply as a user reads it: the model's format applied (ChatGLM3's
+    metadata line stripped, tool calls taken out into `reply.tool_calls`). `chunks()` / `iter_chunks()` give the
+    raw pieces with their logprobs; a reader of those gets the same content and calls by passing each piece's text
+    to `deltas()` and ending with `final_deltas()`."""
+
+    def __init__(self, scheduler: Scheduler, request: Request, parser=None):
         self._scheduler, self._request = scheduler, request
+        self.parser = parser
+        self._fed = False  # whether a reader has passed pieces to the parser
+        self._parsed: Reply | None = None
 
     def cancel(self) -> None:
         self._scheduler.cancel(self._request)
@@ -132,7 +84,32 @@ class Generation:
 
     @property
     def reply(self) -> Reply | None:
-        return self._request.reply
+        """The finished reply (None before): `text` is its content, `tool_calls` the calls the model made; a call cut
+        by the token limit is in neither (finish_reason "length")."""
+        raw = self._request.reply
+        if raw is None or self.parser is None:
+            return raw
+        if self._parsed is None:
+            if not self._fed:
+                self.deltas(raw.text)
+            self.final_deltas()
+            p = self.parser
+            self._parsed = dataclasses.replace(raw, text=p.content or "", tool_calls=list(p.tool_calls))
+        return self._parsed
+
+    def deltas(self, text: str) -> list:
+        """Content and tool-call deltas (chat/tools.py) that this raw text completes."""
+        if self.parser is None:
+            return [ContentDelta(text)] if text else []
+        self._fed = True
+        return self.parser.feed(text) if text else []
+
+    def final_deltas(self) -> list:
+        """What the parser held back, once the raw pieces have ended."""
+        if self.parser is None:
+            return []
+        raw = self._request.reply
+        return self.parser.finish(cut=raw is not None and raw.finish_reason == "length")
 
     @property
     def error(self) -> BaseException | None:
@@ -176,8 +153,8 @@ class Generation:
         chunks = self.iter_chunks()
         try:
             for piece in chunks:
-                if piece.text:
-                    yield piece.text
+                yield from _texts(self.deltas(piece.text))
+            yield from _texts(self.final_deltas())
         finally:
             chunks.close()  # at once, so a reader that stops early cancels the generation
 
@@ -185,8 +162,10 @@ class Generation:
         chunks = self.chunks()
         try:
             async for piece in chunks:
-                if piece.text:
-                    yield piece.text
+                for text in _texts(self.deltas(piece.text)):
+                    yield text
+            for text in _texts(self.final_deltas()):
+                yield text
         finally:
             await chunks.aclose()  # an async generator left to the loop's finalizer would cancel only later
 
@@ -195,6 +174,11 @@ class Generation:
 
     def text(self) -> str:
         return "".join(self)
+
+
+def _texts(deltas) -> list[str]:
+    """The content text of parser deltas (a plain reader shows content; tool calls are in `reply.tool_calls`)."""
+    return [d.text for d in deltas if isinstance(d, ContentDelta) and d.text]
 
 
 class ChatEngine:
@@ -222,11 +206,13 @@ class ChatEngine:
         continue_final: bool = False,
         constraint: Constraint | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        parallel_tool_calls: bool = True,
         **sampling,
     ) -> Generation:
         """Queue a reply to `messages` and return at once; the scheduler starts it when the batch has room.
         `tools` (OpenAI function specs) go into the prompt in the model's tool format; `continue_final` continues
         the last (assistant) message instead of starting a new one; `constraint` is a grammar the reply must match.
+        `parallel_tool_calls=False`: only the reply's first call counts.
         `loop`: the event loop that will read the pieces (`async for`), for a caller that runs this in a worker
         thread (encoding a long conversation or compiling a grammar would block its loop); by default the running
         loop if there is one, else the pieces are read in a thread.
@@ -236,7 +222,8 @@ class ChatEngine:
         budget = m.context_window - min(s.max_new_tokens, m.context_window // 2)
         options = {"tools": tools, "continue_final": continue_final} if tools or continue_final else {}
         prompt, dropped = self.fit(normalize_messages(messages), budget, **options)
-        return self._submit(prompt, s, constraint, dropped, loop)
+        parser = reply_parser(m, tools, parallel=parallel_tool_calls, continued=continue_final)
+        return self._submit(prompt, s, constraint, dropped, loop, parser)
 
     def stream_text(
         self,
@@ -253,7 +240,7 @@ class ChatEngine:
             raise ConfigError(f"{m.name} has no plain-text encoder")
         if not isinstance(prompt, str):
             raise ConfigError(f"the prompt must be a string, got {type(prompt).__name__}")
-        text = _content(prompt, "the prompt")
+        text = content_text(prompt, "the prompt")
         with self._tokenizer_lock:
             ids = list(m.encode_text(text))
         if not ids:
@@ -264,13 +251,13 @@ class ChatEngine:
                 f"the prompt is {len(ids)} tokens, more than the {budget} the context window leaves; shorten it "
                 "or lower max_tokens"
             )
-        return self._submit(ids, s, constraint, 0, loop)
+        return self._submit(ids, s, constraint, 0, loop, decode=self._decode_after(ids[-1]))
 
     def chat(self, messages, **options) -> Reply:
         """The whole reply (`options`: those of `stream()`)."""
         generation = self.stream(messages, **options)
         generation.text()
-        return generation.reply
+        return generation.reply  # the content as a user reads it (the model's format applied)
 
     def info(self) -> dict:
         m = self.model
@@ -283,6 +270,7 @@ class ChatEngine:
             "device": str(m.device),
             "quantization": m.quantization,
             "context_window": m.context_window,
+            "sampling_defaults": self.sampling_defaults(),
             "weight_mib": round(m.info.get("weight_bytes", 0) / 2**20, 1),
             "max_batch_size": self._scheduler.max_batch_size,
             "max_batch_tokens": self._scheduler.max_batch_tokens,
@@ -298,9 +286,17 @@ class ChatEngine:
         self._scheduler.close(timeout=30.0 if wait else 0.0)
 
     # ---- internals ------------------------------------------------------------------------------------------------
+    def sampling_defaults(self) -> dict:
+        """What a request that sets nothing samples with: the model's own defaults over chat/sampling.py's."""
+        base = Sampling()
+        out = {k: getattr(base, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")}
+        return out | self.model.sampling_defaults
+
     def _sampling(self, options: dict) -> Sampling:
+        """The request's options over the model's defaults (an option given as None is not set)."""
+        given = {k: v for k, v in options.items() if v is not None}
         try:
-            sampling = Sampling(**options)
+            sampling = Sampling(**{**self.model.sampling_defaults, **given})
         except TypeError as e:
             raise ConfigError(f"unknown sampling option: {e}") from None
         return sampling.validate(vocab_size=self._vocab_size())
@@ -317,7 +313,14 @@ class ChatEngine:
         return int(size) if size else None
 
     def _submit(
-        self, prompt: list[int], s: Sampling, constraint: Constraint | None, dropped: int, loop=None
+        self,
+        prompt: list[int],
+        s: Sampling,
+        constraint: Constraint | None,
+        dropped: int,
+        loop=None,
+        parser=None,
+        decode: Callable[[list[int]], str] | None = None,
     ) -> Generation:
         m = self.model
         limit = s.max_new_tokens
@@ -344,18 +347,32 @@ class ChatEngine:
             limit,
             s,
             stop_ids=m.stop_ids,
-            decode=self._decode,
+            decode=decode or self._decode,
             inbox=inbox,
             truncated_messages=dropped,
             constraint=state,
             token_bytes=token_bytes,
         )
         self._scheduler.submit(request)
-        return Generation(self._scheduler, request)
+        return Generation(self._scheduler, request, parser)
 
     def _decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
             return self.model.decode(ids)
+
+    def _decode_after(self, anchor: int) -> Callable[[list[int]], str]:
+        """`_decode` for a continuation of text that ends in token `anchor`. SentencePiece drops the leading space of
+        a text's first piece ("▁is" alone decodes to "is"), so a continuation decoded alone would lose the space its
+        tokens spell; decoded after the prompt's last token, it keeps it (" is"), as the logprobs' tokens show it."""
+        head = self._decode([anchor])
+        if not head or "\ufffd" in head:
+            return self._decode  # half a character: no clean place to cut after it
+
+        def decode(ids: list[int]) -> str:
+            text = self._decode([anchor, *ids])
+            return text[len(head) :] if text.startswith(head) else self._decode(ids)
+
+        return decode
 
     def _encode(self, messages: list[dict], **options) -> list[int]:
         with self._tokenizer_lock:

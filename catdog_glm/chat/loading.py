@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from catdog_glm.chat.model_cache import cache_dir
+from catdog_glm.chat.sampling import SMOLLM2_DEFAULTS, generation_config_defaults
 from catdog_glm.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class ChatModel:
     tokenizer: Any = None
     encode_text: Callable[[str], list[int]] | None = None  # plain text -> ids, no chat template (/v1/completions)
     tool_format: str | None = None  # how tools are written and parsed: "chatglm3" | "hermes" | None (no tools)
+    # the model's own sampling defaults (chat/sampling.py says where they come from); a request's values win
+    sampling_defaults: dict = field(default_factory=dict)
 
 
 def embedded_model_file() -> Path:
@@ -405,6 +408,7 @@ def _load_chat_model(  # noqa: C901 - one branch per model source
 
     if display_name:
         chat.name = display_name
+    chat.sampling_defaults = dict(SMOLLM2_DEFAULTS) if spec is None else generation_config_defaults(path)
     if next(chat.model.parameters()).device != dev:  # quantized-on-GPU models are placed already (and refuse .to)
         chat.model = chat.model.to(dev)
     chat.model.eval()

@@ -21,13 +21,57 @@ from catdog_glm.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-# ChatGLM3's demos sample with top_p 0.8, temperature 0.8.
-DEFAULT_TEMPERATURE = 0.8
-GREEDY_BELOW = 1e-5  # a smaller temperature samples as greedy
+# ---- every sampling default and limit, imported by the engine, the API's protocol, the pages and the CLI --------
+# Where a request's defaults come from, first match wins: what the request sets; the model's own defaults
+# (`ChatModel.sampling_defaults`: the generation_config.json a model folder ships, as vLLM's
+# `--generation-config auto` reads it, or for the embedded SmolLM2 what its model card recommends); these.
+DEFAULT_TEMPERATURE = 0.8  # ChatGLM3's demos sample with top_p 0.8, temperature 0.8
 DEFAULT_TOP_P = 0.8
 DEFAULT_MAX_NEW_TOKENS = 512
+MAX_NEW_TOKENS_CAP = 2048  # serve-chat's --max-tokens: the most new tokens one API request may ask for
+DEFAULT_MAX_LENGTH = 8192  # the pages' "Maximum length" (prompt + reply) slider: ChatGLM3's Gradio demo
+GREEDY_BELOW = 1e-5  # a smaller temperature samples as greedy
 MAX_TOP_LOGPROBS = 20
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generator takes; negatives are used modulo 2**64
+MODEL_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")  # read from generation_config.json
+GENERATION_CONFIG = "generation_config.json"
+# SmolLM2-135M-Instruct's model card (HuggingFaceTB/SmolLM2-135M-Instruct) samples with temperature 0.2, top_p 0.9;
+# the embedded GGUF carries no generation_config. At 0.8/0.8 the book's "What is the capital of France?" named Paris
+# in 4 of 10 tries and sometimes rambled to the token limit.
+SMOLLM2_DEFAULTS = {"temperature": 0.2, "top_p": 0.9}
+
+
+def wrap_seed(seed: int) -> int:
+    """A seed in SEED_RANGE as torch's generator takes it (0..2**64-1; negatives wrap, as in torch)."""
+    return seed % 2**64
+
+
+def generation_config_defaults(folder) -> dict:
+    """The sampling defaults a model folder ships in generation_config.json (temperature, top_p, top_k,
+    repetition_penalty: what vLLM's `--generation-config auto` applies); {} when it has none. A value that
+    `Sampling` would refuse is left out, with a warning, rather than failing every request."""
+    import json
+    import logging
+    from pathlib import Path
+
+    path = Path(folder) / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        logging.getLogger(__name__).warning("ignoring %s: %s", path, e)
+        return {}
+    out = {}
+    for key in MODEL_DEFAULT_KEYS:
+        if isinstance(config, dict) and config.get(key) is not None:
+            try:
+                Sampling(**{key: config[key]}).validate()
+            except ConfigError as e:
+                logging.getLogger(__name__).warning("ignoring %s's %s: %s", path, key, e)
+                continue
+            out[key] = config[key]
+    return out
 
 
 def _real(name: str, value) -> float:
@@ -179,7 +223,7 @@ class TokenSampler:
             return int(logits.argmax())
         if self._generator is None:
             self._generator = torch.Generator(device=logits.device)
-            seed = s.seed % 2**64 if s.seed is not None else secrets.randbits(63)
+            seed = wrap_seed(s.seed) if s.seed is not None else secrets.randbits(63)
             self._generator.manual_seed(seed)
         logits = logits / s.temperature
         index = None  # candidates' token ids, when sampling among a few (most likely first)

@@ -60,6 +60,7 @@ class Reply:
     truncated_messages: int = 0  # oldest turns dropped to fit the context window
     token_ids: list[int] = field(default_factory=list)  # the completion's ids, stop token excluded
     logprobs: list[TokenLogprob] | None = None  # one per completion token, when the request asked for them
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI-shaped calls (set by the engine's Generation)
 
 
 LOGPROB_FLOOR = -9999.0  # what -inf logprobs are reported as (vLLM's convention; JSON has no infinity)

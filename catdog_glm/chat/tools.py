@@ -24,7 +24,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from catdog_glm.chat.constrained import Constraint, check_schema_depth
+from catdog_glm.chat.constrained import JSON_OPTIONS, Constraint, check_schema_depth
 from catdog_glm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,9 @@ class ToolCallParser:
     `.tool_calls` (OpenAI dicts) equal what the deltas carried. A call to a function not in `tools`, or one that does
     not parse, stays plain content. With `parallel=False` only the first call counts; later ones are dropped.
     `continued=True` (a prefilled assistant message being continued) reads the text as content from its first
-    character: there is no metadata line for ChatGLM3 to strip."""
+    character: there is no metadata line for ChatGLM3 to strip. `finish(cut=True)` (the reply hit its token limit):
+    a call still open is incomplete, so it is neither a call in `.tool_calls` nor content (when its name had come,
+    a stream has already carried its start and the arguments so far)."""
 
     def __init__(self, tool_format: str | None, tools, parallel: bool = True, *, continued: bool = False):
         self.tool_format = tool_format
@@ -369,6 +371,8 @@ class ToolCallParser:
         self._call: dict | None = None  # the hermes call being read: {"name", "start", "sent", "index"} or {}
         self._meta = ""
         self._done = False
+        self._cut = False  # finish(cut=True): the reply ended at its token limit
+        self.cut_call = False  # a call was open when the reply was cut
 
     # -- public ----------------------------------------------------------------------------------------------------
     def feed(self, text: str) -> list[Delta]:
@@ -379,9 +383,10 @@ class ToolCallParser:
         self._buf += text
         return self._drain(final=False)
 
-    def finish(self) -> list[Delta]:
+    def finish(self, *, cut: bool = False) -> list[Delta]:
         if self._done:
             return []
+        self._cut = cut
         out = [] if self.tool_format is None else self._drain(final=True)
         if self._ws and not self.tool_calls and self.tool_format != "chatglm3":
             out += self._content(self._ws, raw=True)
@@ -477,6 +482,9 @@ class ToolCallParser:
             self._state = "end"
         if state == "drop":
             return []
+        if cut < 0 and self._cut:  # the token limit came before the call's end: not a call
+            self.cut_call = True
+            return []
         try:
             arguments = parse_chatglm3_call(body)
         except ValueError as e:
@@ -523,6 +531,11 @@ class ToolCallParser:
         self._buf = "" if cut < 0 else buf[cut + len(CALL_CLOSE) :]
         self._state = "content" if cut >= 0 else "end"
         self._call = None
+        if cut < 0 and self._cut:  # the token limit came before </tool_call>: not a call
+            self.cut_call = True
+            if call.get("start") is not None:
+                self.tool_calls.pop()
+            return []
         if call.get("start") is not None:
             raw = body[call["start"] :].rstrip()
             if raw.endswith("}"):
@@ -590,7 +603,8 @@ def _hermes_grammar(chosen: list[dict], many: bool) -> str:
     schema = dict(
         schema, **{"x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}}
     )
-    start = 'start: call ("\\n" call)*' if many else "start: call"
+    # parallel calls: another call, or the end (a newline may close the last call, as the model writes one)
+    start = 'start: call ("\\n" call)* "\\n"?' if many else "start: call"
     return f'{start}\ncall: "{CALL_OPEN}\\n" body "\\n{CALL_CLOSE}"\nbody: %json {json.dumps(schema)}\n'
 
 
@@ -623,6 +637,7 @@ def _py_value(schema, rules: list[str], rule: str, root: dict) -> str:
         return "(" + " | ".join(simple[k] for k in kinds) + ")"
     # arrays, objects and anything richer: the JSON text of it (a Python literal once true/false/null are read)
     sub = dict(schema, **{k: root[k] for k in ("$defs", "definitions") if k in root and k not in schema})
+    sub["x-guidance"] = JSON_OPTIONS  # bounded whitespace, as in JSON mode
     rules.append(f"{rule}: %json {json.dumps(sub)}")
     _check_grammar_size(rules)
     return rule
@@ -688,10 +703,12 @@ def tool_constraint(tools, tool_choice, tool_format: str | None, parallel: bool 
     if tool_format is None:
         raise ConfigError(NO_TOOL_FORMAT)
     functions, named = chosen
+    many = False
     if tool_format == "chatglm3":
         grammar = _chatglm3_grammar(functions)
     elif tool_format == "hermes":
-        grammar = _hermes_grammar(functions, many=parallel and not named)
+        many = parallel and not named
+        grammar = _hermes_grammar(functions, many=many)
     else:
         raise ConfigError(f"unknown tool format {tool_format!r}")
     import llguidance
@@ -699,4 +716,5 @@ def tool_constraint(tools, tool_choice, tool_format: str | None, parallel: bool 
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(llguidance.grammar_from("lark", grammar))
     if is_error:
         raise ConfigError(f"the tools' schemas cannot be enforced: {(messages or ['invalid'])[0].splitlines()[0]}")
-    return Constraint("lark", grammar)
+    # with parallel calls the grammar never has to end: end where it may once the model wants no further call
+    return Constraint("lark", grammar, end_when_unwanted=many)

@@ -7,9 +7,14 @@ from typing import Annotated
 
 import typer
 
+from catdog_glm.chat.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from catdog_glm.cli._common import err_console, legacy_precision, user_errors
 from catdog_glm.config import check_precision
 
+MODEL_DEFAULT = (
+    f"Default: the model's own (its generation_config.json; the embedded SmolLM2: its card's 0.2 / top_p 0.9), "
+    f"else temperature {DEFAULT_TEMPERATURE}, top_p {DEFAULT_TOP_P}, top_k 0, repetition penalty 1.0."
+)
 HELP = "Commands: /clear (forget the conversation), /system TEXT (set the system prompt), /exit"
 
 # Model options shared by `catdog chat` and `catdog serve-chat`.
@@ -94,12 +99,18 @@ def chat(
     precision: PrecisionOption = "auto",
     dtype: LegacyDtypeOption = None,
     device: DeviceOption = "auto",
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 means greedy.")] = 0.8,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling probability mass.")] = 0.8,
-    top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = off).")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 512,
+    temperature: Annotated[
+        float | None, typer.Option(help=f"Sampling temperature; 0 means greedy. {MODEL_DEFAULT}")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option(help=f"Nucleus sampling probability mass. {MODEL_DEFAULT}")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help=f"Sample among the K most likely tokens (0 = off). {MODEL_DEFAULT}")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = DEFAULT_MAX_NEW_TOKENS,
     max_length: Annotated[int | None, typer.Option(help="ChatGLM-style limit on prompt + reply tokens.")] = None,
-    repetition_penalty: Annotated[float, typer.Option(help="Penalty for repeating tokens (1.0 = off).")] = 1.0,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help=f"Penalty for repeating tokens (1.0 = off). {MODEL_DEFAULT}")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     trust_remote_code: TrustRemoteCodeOption = False,

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from catdog_glm.chat.sampling import MAX_NEW_TOKENS_CAP
 from catdog_glm.cli._common import console, user_errors
 from catdog_glm.cli.chat import (
     DeviceOption,
@@ -41,7 +42,7 @@ def serve_chat(
         list[str] | None,
         typer.Option(help="Allow this browser origin to call the API (repeatable; CORS is off by default)."),
     ] = None,
-    max_tokens: Annotated[int, typer.Option(help="The most new tokens a request may ask for.")] = 2048,
+    max_tokens: Annotated[int, typer.Option(help="The most new tokens a request may ask for.")] = MAX_NEW_TOKENS_CAP,
     max_messages: Annotated[int, typer.Option(help="The most messages (history included) in one request.")] = 64,
     max_body: Annotated[int, typer.Option(help="The largest request body in bytes.")] = 1 << 20,
     timeout: Annotated[float, typer.Option(help="Seconds a request may generate before it is stopped.")] = 300.0,

@@ -29,8 +29,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catdog_glm.chat.constrained import Constraint
-from catdog_glm.chat.engine import ChatEngine, EngineClosedError, Generation, normalize_messages
-from catdog_glm.chat.tools import ToolCallDelta, ToolCallParser, tool_constraint, validate_tools
+from catdog_glm.chat.engine import ChatEngine, EngineClosedError, Generation
+from catdog_glm.chat.messages import normalize_messages
+from catdog_glm.chat.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP, wrap_seed
+from catdog_glm.chat.tools import ToolCallDelta, tool_constraint, validate_tools
 from catdog_glm.errors import CatdogError
 from catdog_glm.serve.openai_protocol import (
     BookChatRequest,
@@ -58,7 +60,7 @@ DOCS_ASSETS = "/docs-assets"
 class ApiLimits:
     max_body_bytes: int = 1 << 20
     max_messages: int = 64
-    max_tokens: int = 2048  # the cap on max_tokens / max_new_tokens a client may ask for
+    max_tokens: int = MAX_NEW_TOKENS_CAP  # the cap on max_tokens / max_new_tokens a client may ask for
     request_timeout_s: float = 300.0
     max_waiting: int = 64  # generations running or queued; beyond: 503 with Retry-After
     api_key: str | None = None
@@ -166,6 +168,29 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
 
+class NoCors:
+    """ASGI middleware while CORS is off: no response grants a browser's cross-origin request anything. Gradio's
+    page (mounted at /) answers preflights itself, with `allow-credentials: true` and localhost origins reflected;
+    here every `Access-Control-*` header is dropped, so the page's routes keep CORS off as the API's do."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def without_cors(message):
+            if message["type"] == "http.response.start":
+                headers = [
+                    (k, v) for k, v in message.get("headers", []) if not k.lower().startswith(b"access-control-")
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, without_cors)
+
+
 class ClientGone(Exception):
     """The client closed the connection before its reply was ready."""
 
@@ -185,6 +210,7 @@ class ChatService:
                 "missing or wrong API key: send 'Authorization: Bearer KEY'",
                 kind="authentication_error",
                 code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},  # RFC 6750: the scheme a 401 asks for
             )
 
     def check_model(self, requested: str | None) -> None:
@@ -220,7 +246,7 @@ class ChatService:
             raise ApiError(
                 400, f"'{tokens_param}' must be <= {self.limits.max_tokens}, got {limit}", param=tokens_param
             )
-        out: dict[str, Any] = {"max_new_tokens": limit or min(512, self.limits.max_tokens)}
+        out: dict[str, Any] = {"max_new_tokens": limit or min(DEFAULT_MAX_NEW_TOKENS, self.limits.max_tokens)}
         for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
             if getattr(req, name, None) is not None:
                 out[name] = getattr(req, name)
@@ -232,7 +258,7 @@ class ChatService:
         if getattr(req, "logit_bias", None):
             out["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
         if req.seed is not None:
-            out["seed"] = req.seed % 2**64  # torch's generators take 0..2**64-1; a negative seed wraps as in torch
+            out["seed"] = wrap_seed(req.seed)
         return out
 
     # ---- generation ---------------------------------------------------------------------------------------------
@@ -310,18 +336,23 @@ def _engine_messages(req: ChatCompletionRequest, max_messages: int) -> tuple[lis
         raise ApiError(400, f"too many messages ({len(req.messages)}); the limit is {max_messages}", param="messages")
     out: list[dict] = []
     call_names: dict[str, str] = {}
+    answerable: set[str] | None = None  # ids of the calls the latest assistant message made (None: no calls)
     for i, m in enumerate(req.messages):
         try:
             content = m.text()
-        except ValueError as e:
+        except CatdogError as e:
             raise ApiError(400, f"messages[{i}]: {e}", param="messages") from None
         item: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.role != "tool":
+            answerable = None
         if m.role == "assistant" and m.tool_calls:
             item["tool_calls"] = [c.model_dump() for c in m.tool_calls]
             call_names |= {c.id: c.function.name for c in m.tool_calls if c.id}
+            answerable = {c.id for c in m.tool_calls if c.id}
         elif m.tool_calls is not None and m.role != "assistant":
             raise ApiError(400, f"messages[{i}]: only assistant messages carry tool_calls", param="messages")
         if m.role == "tool":
+            _check_tool_answer(i, m.tool_call_id, answerable)
             item["tool_call_id"] = m.tool_call_id
             name = m.name or call_names.get(m.tool_call_id or "")
             if name:
@@ -341,6 +372,26 @@ def _engine_messages(req: ChatCompletionRequest, max_messages: int) -> tuple[lis
     return out, prefill
 
 
+def _check_tool_answer(i: int, call_id: str | None, answerable: set[str] | None) -> None:
+    """A `tool` message answers a call of the assistant message before it, named by its id (OpenAI answers 400)."""
+    if not call_id:
+        raise ApiError(
+            400, f"messages[{i}]: a tool message needs 'tool_call_id', the id of the call it answers", param="messages"
+        )
+    if answerable is None:
+        raise ApiError(
+            400,
+            f"messages[{i}]: a tool message must follow an assistant message with 'tool_calls' (the calls it answers)",
+            param="messages",
+        )
+    if answerable and call_id not in answerable:
+        raise ApiError(
+            400,
+            f"messages[{i}]: tool_call_id {call_id!r} names no call of the assistant message before it",
+            param="messages",
+        )
+
+
 # ---- envelopes: the one place that writes responses and chunks ---------------------------------------------------
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {
@@ -351,9 +402,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def _finish(reason: str, tool_calls: bool = False) -> str:
-    if tool_calls:
-        return "tool_calls"
-    return "length" if reason == "length" else "stop"
+    """OpenAI's finish_reason: a reply cut by the token limit is "length" even after complete calls (the call it was
+    writing is left out); otherwise "tool_calls" when it made any."""
+    if reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def _chat_logprobs(tokens, top: int) -> dict:
@@ -548,10 +601,12 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
     service = ChatService(engine, limits, model_id)
     app.state.engine, app.state.service = engine, service
     app.add_middleware(BodyGuard, max_bytes=limits.max_body_bytes)
-    if limits.cors_origins:
+    if limits.cors_origins:  # Gradio's own CORS layer steps aside when the app it is mounted in has this one
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=limits.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    else:
+        app.add_middleware(NoCors)
     _mount_docs(app)
     _openapi_without_422(app)
     bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when it has one")
@@ -593,7 +648,13 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "active_requests": service.active, **engine.load()}
+        return {
+            "status": "ok",
+            "model": model_id,
+            "active_requests": service.active,
+            **engine.load(),
+            "sampling_defaults": engine.sampling_defaults(),  # what a request that sets nothing samples with
+        }
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth)], responses=errors)
     async def models():
@@ -632,7 +693,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                 f"max_length {body.max_length} leaves no room: the prompt alone is {reply.prompt_tokens} tokens",
                 param="max_length",
             )
-        text = _reply_content(engine.model.tool_format, reply.text)
+        text = reply.text  # the content as the model's format reads it (ChatGLM3: no metadata line)
         return JSONResponse(
             {
                 "response": text,
@@ -664,7 +725,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
         tools, constraint = _tools_and_constraint(body, engine.model.tool_format)
         if body.logprobs:
             sampling |= {"logprobs": True, "top_logprobs": body.top_logprobs or 0}
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"parallel_tool_calls": body.parallel_tool_calls}
         if tools:
             extra["tools"] = tools
         if prefill:
@@ -679,24 +740,20 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
             service.release(n)
             raise
         env = Envelope("chatcmpl", model_id)
-        parsers = [_parser(engine.model.tool_format, tools, body, prefill) for _ in range(n)]
         if not body.stream:
             try:
                 await service.wait(gens, request)
             finally:
                 service.release(n)
             choices = []
-            for i, (gen, parser) in enumerate(zip(gens, parsers, strict=True)):
-                reply = gen.reply
-                message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None}
-                if parser is not None:
-                    parser.feed(reply.text)
-                    parser.finish()
-                    message["content"] = parser.content if parser.content or parser.tool_calls else ""
-                    if parser.tool_calls:
-                        message["tool_calls"] = parser.tool_calls
+            for i, gen in enumerate(gens):
+                reply = gen.reply  # content and calls as the model's format reads them
+                content = reply.text or (None if reply.tool_calls else "")
+                message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+                if reply.tool_calls:
+                    message["tool_calls"] = reply.tool_calls
                 lp = _chat_logprobs(reply.logprobs or [], body.top_logprobs or 0) if body.logprobs else None
-                finish = _finish(reply.finish_reason, bool(parser and parser.tool_calls))
+                finish = _finish(reply.finish_reason, bool(reply.tool_calls))
                 choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": lp})
             replies = [g.reply for g in gens]
             usage = _usage(replies[0].prompt_tokens, sum(r.completion_tokens for r in replies))
@@ -710,11 +767,10 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                     yield env.chat_chunk(i, {"role": "assistant", "content": ""})
                 pending: list[list] = [[] for _ in range(n)]  # logprobs of tokens whose text a parser holds back
                 async for i, piece in _merged(gens, limits.request_timeout_s):
-                    parser = parsers[i]
                     if piece is None:
-                        deltas = _render_deltas(parser.finish()) if parser else []
+                        deltas = _render_deltas(gens[i].final_deltas())
                         reply = gens[i].reply
-                        finish = _finish(reply.finish_reason, bool(parser and parser.tool_calls))
+                        finish = _finish(reply.finish_reason, bool(reply.tool_calls))
                         lp_tokens = pending[i]
                         for delta in deltas:
                             yield env.chat_chunk(i, delta, logprobs=_maybe_lp(body, lp_tokens))
@@ -722,10 +778,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
                         yield env.chat_chunk(i, {}, finish, logprobs=_maybe_lp(body, lp_tokens) if lp_tokens else None)
                         continue
                     pending[i] += piece.logprobs or []
-                    if parser is None:
-                        deltas = [{"content": piece.text}] if piece.text else []
-                    else:
-                        deltas = _render_deltas(parser.feed(piece.text))
+                    deltas = _render_deltas(gens[i].deltas(piece.text))
                     for delta in deltas:
                         yield env.chat_chunk(i, delta, logprobs=_maybe_lp(body, pending[i]))
                         pending[i] = []
@@ -874,31 +927,13 @@ async def _start_n(service: ChatService, begin, sampling: dict, n: int) -> list[
         for i in range(n):
             s = dict(sampling)
             if "seed" in s:
-                s["seed"] = (s["seed"] + i) % 2**64
+                s["seed"] = wrap_seed(s["seed"] + i)
             gens.append(await service.start(lambda loop, s=s: begin(s | {"loop": loop})))
     except BaseException:
         for g in gens:
             g.cancel()
         raise
     return gens
-
-
-def _parser(tool_format, tools, body: ChatCompletionRequest, prefill: bool) -> ToolCallParser | None:
-    """The reply's reader: with tools, it finds calls; for ChatGLM3 always, since every ChatGLM3 reply starts with a
-    metadata line (empty for plain text) that THUDM's own `process_response` strips too."""
-    if not tools and tool_format != "chatglm3":
-        return None
-    return ToolCallParser(tool_format, tools or [], parallel=body.parallel_tool_calls, continued=prefill)
-
-
-def _reply_content(tool_format, text: str) -> str:
-    """A whole plain reply as the user should read it (ChatGLM3: without its empty metadata line)."""
-    if tool_format != "chatglm3":
-        return text
-    parser = ToolCallParser(tool_format, [])
-    parser.feed(text)
-    parser.finish()
-    return parser.content or ""
 
 
 def _render_deltas(deltas) -> list[dict]:

@@ -7,16 +7,17 @@ process; Gradio runs `respond` in a worker thread, which reads the generation's 
 # No `from __future__ import annotations` here: Gradio finds `request: gr.Request` by its real annotation.
 
 from catdog_glm.chat.engine import ChatEngine, Generation
+from catdog_glm.chat.messages import content_text
+from catdog_glm.chat.sampling import DEFAULT_MAX_LENGTH, DEFAULT_MAX_NEW_TOKENS
 
-# ChatGLM3's Gradio demo: Maximum length 8192, Top P 0.8, Temperature 0.6.
-DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, DEFAULT_TEMPERATURE = 8192, 0.8, 0.6
 EXAMPLES = ["What is the capital of France?", "Write a haiku about a cat.", "Give me three tips for learning Python."]
 
 
-def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = 512):
+def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
     import gradio as gr
 
     info = engine.info()
+    defaults = info["sampling_defaults"]  # the model's own, where it has them (chat/sampling.py)
     running: dict[str, Generation] = {}  # session -> its generation, so Stop can cancel it for real
 
     def respond(
@@ -89,8 +90,8 @@ def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = 512):
                 step=1,
                 label="Maximum length",
             )
-            top_p = gr.Slider(0.01, 1, value=DEFAULT_TOP_P, step=0.01, label="Top P")
-            temperature = gr.Slider(0, 1.5, value=DEFAULT_TEMPERATURE, step=0.01, label="Temperature")
+            top_p = gr.Slider(0.01, 1, value=defaults["top_p"], step=0.01, label="Top P")
+            temperature = gr.Slider(0, 1.5, value=defaults["temperature"], step=0.01, label="Temperature")
         gr.Examples(EXAMPLES, inputs=query, label="Examples")
         inputs = [query, chatbot, system, max_length, top_p, temperature]
         events = [
@@ -106,11 +107,5 @@ def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = 512):
 
 
 def _text(content) -> str:
-    """Chatbot messages may carry content as a string or as a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    return str(content)
+    """A chatbot message's text (its content may be a string, parts or a file: files are left out)."""
+    return content_text(content, "a chat message", strict=False)

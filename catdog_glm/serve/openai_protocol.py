@@ -16,10 +16,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch's generator takes (negative seeds wrap, as in torch)
+from catdog_glm.chat.messages import content_text
+from catdog_glm.chat.sampling import MAX_TOP_LOGPROBS, SEED_RANGE
+
+SEED_MIN, SEED_MAX = SEED_RANGE
 MAX_N = 8
 MAX_STOP = 4
-MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5  # the legacy endpoint's limit
 MAX_TOOLS = 128  # OpenAI's limit; each tool's schema is compiled on the event loop
 
@@ -171,18 +173,10 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
 
     def text(self) -> str | None:
-        """The content as text; non-text parts are refused (this is a text model)."""
+        """The content as text (chat/messages.py flattens the parts); ConfigError for a part that is not text."""
         if self.content is None or isinstance(self.content, str):
             return self.content
-        out = []
-        for part in self.content:
-            if part.type == "text" and part.text is not None:
-                out.append(part.text)
-            elif part.type == "refusal" and part.refusal is not None:
-                out.append(part.refusal)
-            else:
-                raise ValueError(f"content parts of type {part.type!r} are not supported: this model reads text only")
-        return "".join(out)
+        return content_text([p.model_dump(exclude_none=True) for p in self.content], "the content")
 
 
 class FunctionDefinition(_Strict):

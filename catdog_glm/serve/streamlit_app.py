@@ -10,7 +10,7 @@ import os
 
 import streamlit as st
 
-from catdog_glm.serve.chat_page import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from catdog_glm.chat.sampling import DEFAULT_MAX_LENGTH, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 API_URL = os.environ.get("CATDOG_ST_API_URL", "").rstrip("/")
 API_KEY = os.environ.get("CATDOG_ST_API_KEY") or None
@@ -62,6 +62,16 @@ def stream_from_api(messages: list[dict], sampling: dict):
                     yield choices[0]["delta"]["content"]
 
 
+def api_sampling_defaults() -> dict:
+    """The server's own defaults for its model (its /health says them), so the sliders start where it would."""
+    import httpx
+
+    try:
+        return httpx.get(f"{API_URL}/health", timeout=5).json().get("sampling_defaults") or {}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return {}
+
+
 def stream_from_engine(messages: list[dict], sampling: dict):
     yield from get_engine().stream(messages, **sampling)
 
@@ -70,8 +80,10 @@ st.set_page_config(page_title="catdog chat", page_icon="💬")
 st.title("catdog chat")
 if API_URL:
     st.caption(f"Client of {API_URL}")
+    defaults = api_sampling_defaults()
 else:
     info = get_engine().info()
+    defaults = info["sampling_defaults"]  # the model's own, where it has them (chat/sampling.py)
     st.caption(
         f"{info['name']} · {info['kind']} · quantization {info['quantization']} · {info['dtype']} on {info['device']}"
     )
@@ -79,8 +91,10 @@ else:
 history = st.session_state.setdefault("history", [])
 with st.sidebar:
     max_length = st.slider("Maximum length", 16, 32768, DEFAULT_MAX_LENGTH, step=1, key="max_length")
-    top_p = st.slider("Top P", 0.01, 1.0, DEFAULT_TOP_P, step=0.01, key="top_p")
-    temperature = st.slider("Temperature", 0.0, 1.5, DEFAULT_TEMPERATURE, step=0.01, key="temperature")
+    top_p = st.slider("Top P", 0.01, 1.0, float(defaults.get("top_p", DEFAULT_TOP_P)), step=0.01, key="top_p")
+    temperature = st.slider(
+        "Temperature", 0.0, 1.5, float(defaults.get("temperature", DEFAULT_TEMPERATURE)), step=0.01, key="temperature"
+    )
     system = st.text_area("System prompt", key="system")
     if st.button("Clear history", key="clear"):
         history.clear()
@@ -97,7 +111,7 @@ if prompt := st.chat_input("Ask something", key="prompt"):
         "max_length": int(max_length),
         "top_p": float(top_p),
         "temperature": float(temperature),
-        "max_new_tokens": 512,
+        "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
     }
     st.session_state["last_sampling"] = sampling  # what the engine was asked for (shown to tests)
     messages = ([{"role": "system", "content": system}] if system.strip() else []) + history

@@ -82,7 +82,10 @@ def run_streamlit(*, host: str, port: int, on_ready=None, **settings) -> int:
         on_ready(f"Streamlit chat page: http://{host}:{port}/  (Ctrl+C to stop)")
     # its own process group, so that stopping it reaches everything Streamlit itself starts
     process = subprocess.Popen(
-        streamlit_command(host, port), env=streamlit_env(**settings), start_new_session=hasattr(os, "killpg")
+        streamlit_command(host, port),
+        env=streamlit_env(**settings),
+        start_new_session=hasattr(os, "killpg"),
+        preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only an async-signal-safe prctl call runs in the child
     )
     received: list[int] = []
 
@@ -106,6 +109,31 @@ def run_streamlit(*, host: str, port: int, on_ready=None, **settings) -> int:
                 process.wait()
         _signal_group(process, signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)  # stragglers
     return 128 + received[0] if received else code
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent():
+    """On Linux, a preexec_fn that makes the child get SIGKILL when this process dies, however it dies: `kill -9` of
+    `catdog serve-chat --ui streamlit` runs none of our handlers, and the child would keep the port. Elsewhere
+    None (the child is stopped by the signal handlers only, as before)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing is imported after the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the prctl: nobody would send the signal
+            os._exit(1)
+
+    return preexec
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
