@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from catdog_glm.device import Precision
+from catdog_glm.vision.distributed import all_reduce_sum
 from catdog_glm.vision.evaluate import EvalResult, evaluate, forward, prepare_batch
 from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -118,12 +119,9 @@ def validate(
     )
     result, predictions = out if keep_predictions else (out, [])
     if world_size > 1:
-        import torch.distributed as dist
-
-        packed = torch.cat([result.confusion.flatten().double(), torch.tensor([result.loss_sum])]).to(device)
-        dist.all_reduce(packed)
+        packed = torch.cat([result.confusion.flatten().double(), torch.tensor([result.loss_sum])])
+        packed = all_reduce_sum(packed, device)
         k = len(classes)
-        packed = packed.cpu()
         result = EvalResult(
             loss_sum=float(packed[-1]), confusion=packed[:-1].round().long().view(k, k), classes=classes
         )
