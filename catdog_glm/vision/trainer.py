@@ -27,6 +27,7 @@ from catdog_glm.vision.calibration import calibrate
 from catdog_glm.vision.checkpoint import LAST_NAME, ClassifierCheckpoint, load_checkpoint
 from catdog_glm.vision.data import Dataset, discover, subsample
 from catdog_glm.vision.distributed import DistInfo, barrier, leave_distributed, rank_device, setup_distributed
+from catdog_glm.vision.evaluate import InferenceSpec
 from catdog_glm.vision.loader import ImageDataset, build_loader, cache_bytes, cache_fits
 from catdog_glm.vision.model import build_model, load_pretrained, prepare_for_device
 from catdog_glm.vision.plots import plot_confusion_matrix, plot_results
@@ -393,21 +394,22 @@ class _Run:
     tracker: Tracker
     cb: TrainCallbacks
 
+    @property
+    def spec(self) -> InferenceSpec:
+        """How this rank runs the model: per-epoch validation scores without test-time flip (it only tracks
+        progress, and would cost twice the time); the final score flips as --tta says."""
+        return InferenceSpec(self.device, self.precision, self.cfg.channels_last, self.state.mean, self.state.std)
+
     def validate(self, model, keep_predictions: bool = False, tta: bool = False):
         self.cb.on_validate_start(len(self.data.val_ds) // self.d.world)
         return validate(
             model,
             self.data.val_loader,
             classes=self.data.classes,
-            device=self.device,
-            precision=self.precision,
-            channels_last=self.cfg.channels_last,
-            mean=self.state.mean,
-            std=self.state.std,
+            spec=self.spec.replace(tta=tta),
             world_size=self.d.world,
             on_batch=self.cb.on_validate_batch,
             keep_predictions=keep_predictions,
-            tta=tta,
         )
 
 
@@ -431,11 +433,7 @@ def _fit(run: _Run) -> bool:
             data.train_loader,
             state.optimizer,
             state.scaler,
-            device=run.device,
-            precision=run.precision,
-            channels_last=cfg.channels_last,
-            mean=state.mean,
-            std=state.std,
+            run.spec,
             mixer=state.mixer,
             label_smoothing=cfg.label_smoothing,
             ema=state.ema,
@@ -507,11 +505,9 @@ def _finish(run: _Run, started: float, stopped_early: bool) -> TrainResult:
                 train_ds=data.train_ds,
                 val_ds=data.val_ds,
                 classes=data.classes,
-                mean=state.mean,
-                std=state.std,
+                spec=run.spec.replace(tta=cfg.tta),
                 seed=cfg.seed,
                 arch=cfg.arch,
-                tta=cfg.tta,
             )
             run.tracker.log(inference, step=state.step)
             saver.add_to_best(metrics=inference, calibration=calibration)
