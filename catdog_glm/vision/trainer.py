@@ -497,7 +497,7 @@ def _finish(run: _Run, started: float, stopped_early: bool) -> TrainResult:
         if state.history:
             plot_results(state.history, saver.folder / "results.png")
         if cfg.int8 and best is not None:
-            run.cb.on_message("checking fp32 / bf16 / int8 validation accuracy on the CPU")
+            run.cb.on_message("checking fp32 / bf16 / int8 validation accuracy on the CPU (--no-calibrate skips this)")
             model = build_model(cfg.arch, len(data.classes))
             model.load_state_dict(best)
             inference, calibration = calibrate(
