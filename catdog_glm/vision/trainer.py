@@ -2,8 +2,10 @@
 
 One call, `train(config, callbacks)`, does the whole run; the CLI only renders what the callbacks report.
 The parts, after timm: `build_data` and `build_state` set up, `train_one_epoch` and `validate` (train_loop.py) are
-the loop, `CheckpointSaver` (saver.py) owns best.pt/last.pt, `calibrate` (calibration.py) is the step after
-training. Under torchrun it trains with DistributedDataParallel; only rank 0 logs, prints and saves. Whatever
+the loop, `CheckpointSaver` (saver.py) owns best.pt/last.pt, `TrainState.state_dict()` is what last.pt keeps to
+resume, `calibrate` (calibration.py) is the step after training (--no-calibrate skips it), results.py writes
+results.csv and rng.py seeds, saves and restores the RNG. Under torchrun (distributed.py) it trains with
+DistributedDataParallel; only rank 0 logs, prints and saves. Whatever
 ends a run (the last epoch, an error, Ctrl-C), the tracker, the process group and the callbacks are closed and the
 run folder holds a readable last.pt and no temp files.
 """
