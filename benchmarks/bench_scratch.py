@@ -61,7 +61,7 @@ def weight_ablation(run: Path) -> dict[str, float]:
     from catdog_glm.device import resolve_precision
     from catdog_glm.vision.checkpoint import build_model_from_checkpoint, load_checkpoint
     from catdog_glm.vision.data import discover
-    from catdog_glm.vision.evaluate import evaluate
+    from catdog_glm.vision.evaluate import InferenceSpec, evaluate
     from catdog_glm.vision.loader import ImageDataset, build_loader
 
     last = load_checkpoint(run / "last.pt")
@@ -75,16 +75,14 @@ def weight_ablation(run: Path) -> dict[str, float]:
         loader = build_loader(ImageDataset(val, size), batch_size=50, shuffle=False, workers=0)
         for name, model in (("EMA", ema), ("raw", raw)):
             for tta in (False, True):
-                result = evaluate(
-                    model.to(memory_format=torch.channels_last),
-                    loader,
-                    classes=last.classes,
-                    device=torch.device("cpu"),
-                    precision=resolve_precision(torch.device("cpu"), "auto"),  # as `catdog eval` scores
+                spec = InferenceSpec(
+                    torch.device("cpu"),
+                    resolve_precision(torch.device("cpu"), "auto"),  # as `catdog eval` scores
                     mean=last.mean,
                     std=last.std,
                     tta=tta,
                 )
+                result = evaluate(model.to(memory_format=torch.channels_last), loader, classes=last.classes, spec=spec)
                 out[f"{name} weights at {size} px, {'flip' if tta else 'no flip'}"] = result.accuracy
     return out
 

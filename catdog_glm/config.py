@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from catdog_glm.errors import ConfigError
 
@@ -32,58 +32,107 @@ def check_precision(
     return value
 
 
+def option(default, help: str, *, flags: tuple[str, ...] = (), cli_default=MISSING):
+    """A config field that is also a command-line option: `help` is its --help text; `flags` its option names when
+    not the field's own (`--name`, `--name/--no-name` for booleans); `cli_default` the CLI's default when it is not
+    the field's (the CLI resolves it before the config holds a value). See `cli._common.config_options`."""
+    metadata = {"help": help, "flags": flags}
+    if cli_default is not MISSING:
+        metadata["cli_default"] = cli_default
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
+    """`catdog train`'s options, one field each (the CLI derives its options from these fields and their help);
+    the fields without help are not options."""
+
     # --- the book's recipe ---
-    data: str = "data"
-    arch: str = "resnet50"
-    pretrained: str = "imagenet"  # imagenet | none | PATH
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 1e-4  # Adam
-    optimizer: str = "adam"  # adam (the book) | adamw (decoupled weight decay, none on norms and biases)
-    weight_decay: float = 0.0
-    image_size: int = 256
+    data: str = option(
+        "data",
+        "Dataset root: ImageFolder (train/ val/ or <class>/), train.csv + val.csv, or Kaggle-style cat.1.jpg files; "
+        "or a dataset id, pulled on first use (see `catdog data pull`).",
+    )
+    arch: str = option(
+        "resnet50",
+        "Any torchvision classifier (resnet50, resnet18, ...), efficientnet_lite0 (ImageNet weights embedded: "
+        "fine-tunes offline) or any timm model as timm:NAME.",
+    )
+    pretrained: str = option(
+        "imagenet",
+        "Start weights: imagenet (torch hub cache; embedded for efficientnet_lite0), none, or a weights file PATH.",
+    )
+    epochs: int = option(20, "Number of epochs.")
+    batch_size: int = option(8, "Images per training step.")
+    lr: float = option(1e-4, "Peak learning rate.")
+    optimizer: str = option("adam", "adam (the book) or adamw.")
+    weight_decay: float = option(0.0, "Weight decay (AdamW: not on norms and biases).")
+    image_size: int = option(256, "Images are resized to SIZE x SIZE.")
     # --- data ---
-    val_split: float = 0.2  # used when the data has no val split of its own
-    train_limit: int = 0  # 0 = all; else a class-balanced seeded subset (quick experiments, tests)
-    val_limit: int = 0
-    cache: str = "auto"  # ram: keep decoded, resized images in memory; auto: ram when it fits
-    workers: int = -1  # DataLoader workers; -1 = auto
-    augment: bool = False  # random resized crop + horizontal flip (the book trains without)
-    crop_scale: float = 0.6  # with --augment: the smallest share of the image a random crop keeps
-    auto_augment: str = "none"  # none | trivial (TrivialAugmentWide) | randaugment, after crop and flip
-    random_erasing: float = 0.0  # probability of blanking a random rectangle of each training image
-    train_size: int = 0  # train at this size, validate and predict at image_size (FixRes); 0 = image_size
-    progressive_from: int = 0  # progressive resizing: train at this size first, growing to the train size; 0 = off
-    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off (with cutmix too: one of the two per batch)
-    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off
-    mix_prob: float = 1.0  # with --mixup/--cutmix: the share of batches mixed
-    label_smoothing: float = 0.0
-    tta: bool = False  # test-time flip: the final validation, eval and predict average an image and its mirror
+    val_split: float = option(0.2, "Validation fraction when the data has no val split.")
+    train_limit: int = option(0, "Use a class-balanced subset of N training images (0 = all).")
+    val_limit: int = option(0, "Use a subset of N validation images (0 = all).")
+    cache: str = option(
+        "auto", "auto (RAM when it fits), ram or none: keep decoded, resized images in memory after first use."
+    )
+    workers: int = option(-1, "DataLoader worker processes (-1 = auto).")
+    augment: bool = option(False, "Random resized crop and flip.")  # the book trains without
+    crop_scale: float = option(0.6, "With --augment: smallest share of an image a crop keeps.")
+    auto_augment: str = option("none", "none, trivial (TrivialAugmentWide) or randaugment, after crop and flip.")
+    random_erasing: float = option(0.0, "Probability of blanking a random box of each image.")
+    # FixRes: train smaller than the model is scored and used at
+    train_size: int = option(0, "Train at this size, validate and predict at --image-size (0 = the same).")
+    progressive_from: int = option(0, "Progressive resizing: start at this size, grow to the training size; 0 = off.")
+    mixup: float = option(0.0, "Mixup Beta alpha (0 = off).")
+    cutmix: float = option(0.0, "CutMix Beta alpha (0 = off); with --mixup, one per batch.")
+    mix_prob: float = option(1.0, "Share of batches mixed by --mixup/--cutmix.")
+    label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy.")
+    # the final validation, eval and predict average an image and its mirror image
+    tta: bool = option(False, "Test-time flip in validation (and later eval/predict).")
     # --- speed and quality beyond the book (each can be turned off) ---
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 on CPUs with native bf16, bf16/fp16 AMP on CUDA, else fp32
-    channels_last: bool = True
-    schedule: str = "cosine"  # cosine LR decay over the run, or constant as in the book
-    warmup_epochs: int = 0  # learning rate rising linearly over the first N epochs, then the schedule
-    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved; 0 = off
-    patience: int = 5  # early stopping: epochs without a better val accuracy; 0 = off
-    int8: bool = True  # at the end: calibrate int8 and record fp32/bf16/int8 val accuracy for fast CPU inference
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps.")
+    precision: str = option(
+        "auto", "auto (bf16 on CPUs with native bf16, bf16/fp16 AMP on CUDA, else fp32), fp32, bf16 or fp16 (GPU)."
+    )
+    channels_last: bool = option(True, "channels_last memory format (faster convolutions).")
+    # closed-form cosine: resuming with a larger --epochs stretches the curve (see trainer.lr_schedule)
+    schedule: str = option("cosine", "Learning-rate schedule: cosine or constant (the book).")
+    warmup_epochs: int = option(0, "Linear learning-rate warmup over the first N epochs.")
+    ema: float = option(0.0, "Keep an exponential moving average of the weights with this decay; 0 = off.")
+    patience: int = option(5, "Early stopping after N epochs without a better val accuracy (0 = off).")
+    # The step after training (vision/calibration.py): on by default, as predictors choose int8 or bf16 only where
+    # this measured them within half a point of fp32. It costs a few minutes on a CPU; quick runs turn it off.
+    int8: bool = option(
+        True,
+        "After training, calibrate int8 and measure fp32/bf16/int8 val accuracy on the CPU (minutes), so eval, "
+        "predict and serve pick the fastest precision that keeps accuracy; --no-calibrate skips it (predictors "
+        "of the run then use bf16 or fp32).",
+        flags=("--calibrate/--no-calibrate",),
+    )
     # --- bookkeeping ---
     # Which preset filled the options (a record: apply_recipe does the filling, as the CLI does before training).
-    recipe: str = "book"
-    output: str = "checkpoint"
-    seed: int = 42
-    resume: bool = False
-    overwrite: bool = False
-    tracker: str = "swanlab"
-    swanlab_mode: str = "local"
-    project: str = "catdog-glm"
-    experiment: str = ""
-    description: str = ""
+    recipe: str = option(
+        "book",
+        "Preset for every option not given: book (fine-tuning, the defaults shown here), scratch (random weights: "
+        "resnet18, 112 -> 160 px crops scored at 192 px, 80 epochs, AdamW, augmentation, mixup/cutmix, EMA, "
+        "test-time flip; see the README) or auto (scratch with --pretrained none, else book).",
+        cli_default="auto",
+    )
+    output: str = option("checkpoint", "Folder for best.pt, last.pt, results and the SwanLab log.")
+    seed: int = option(42, "Random seed (data split, order, init).")
+    resume: bool = option(
+        False,
+        "Continue the run in --output from last.pt (with a larger --epochs: train it further).",
+        flags=("--resume",),
+    )
+    overwrite: bool = option(False, "Start over even if --output holds a run.", flags=("--overwrite",))
+    tracker: str = option("swanlab", "Experiment tracker: swanlab or none.")
+    swanlab_mode: str = option("local", "SwanLab mode: local (offline dashboard), offline, online or disabled.")
+    project: str = option("catdog-glm", "SwanLab project name.")
+    experiment: str = option("", "SwanLab experiment name (default: arch and time).")
+    description: str = option("", "SwanLab experiment description.")
     log_images: int = 16  # validation images logged with their predicted class
-    progress: bool = True
+    progress: bool = option(True, "Show progress bars.")
 
     def validate(self) -> TrainConfig:
         def need(ok: bool, message: str) -> None:

@@ -25,14 +25,15 @@ def test_preprocessing_is_the_training_one(synthetic_data, tiny_checkpoint, tmp_
 def test_cpu_inference_in_chunks_equals_one_forward(tiny_checkpoint):
     from catdog_glm.device import Precision, inference_chunk_size
     from catdog_glm.vision.checkpoint import build_model_from_checkpoint
-    from catdog_glm.vision.evaluate import infer_logits, run_model
+    from catdog_glm.vision.evaluate import InferenceSpec, infer_logits, run_model
 
     cpu = torch.device("cpu")
     model = build_model_from_checkpoint(load_checkpoint(tiny_checkpoint)).eval()
     batch = torch.randint(0, 256, (2 * inference_chunk_size(cpu) + 1, 3, 32, 32), dtype=torch.uint8)
     with torch.inference_mode():
-        chunked = infer_logits(model, batch, cpu, Precision(None, False), channels_last=True)
-        whole = run_model(model, batch, cpu, Precision(None, False), channels_last=True)
+        spec = InferenceSpec(cpu, Precision(None, False), channels_last=True)
+        chunked = infer_logits(model, batch, spec)
+        whole = run_model(model, batch, spec)
     assert chunked.shape == (len(batch), 2)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-4)
 

@@ -12,7 +12,7 @@ import yaml
 from catdog_glm.config import RECIPE_DEFAULTS, TrainConfig, apply_recipe
 from catdog_glm.errors import ConfigError
 from catdog_glm.vision.checkpoint import build_model_from_checkpoint, load_checkpoint
-from catdog_glm.vision.evaluate import evaluate_checkpoint, run_model
+from catdog_glm.vision.evaluate import InferenceSpec, evaluate_checkpoint, run_model
 from catdog_glm.vision.predictor import Predictor
 from catdog_glm.vision.trainer import lr_schedule, train
 from catdog_glm.vision.transforms import BatchMixer, TrainAugment, progressive_size
@@ -173,10 +173,10 @@ def test_eval_and_predict_score_with_the_test_time_flip_the_run_validated_with(s
     images = torch.randint(0, 256, (4, 3, 48, 48), dtype=torch.uint8)
     from catdog_glm.device import Precision
 
-    cpu, fp32 = torch.device("cpu"), Precision(None, False)
+    spec = InferenceSpec(torch.device("cpu"), Precision(None, False), False, best.mean, best.std)
     with torch.inference_mode():
-        plain = run_model(model, images, cpu, fp32, False, best.mean, best.std)
-        mirrored = run_model(model, images.flip(3), cpu, fp32, False, best.mean, best.std)
+        plain = run_model(model, images, spec)
+        mirrored = run_model(model, images.flip(3), spec)
     expected = ((plain + mirrored) / 2).softmax(1)
     torch.testing.assert_close(predictor.probabilities(images), expected, atol=2e-4, rtol=0)
 

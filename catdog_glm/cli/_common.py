@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -72,6 +75,37 @@ def legacy_precision(precision: str, *, amp: bool | None = None, dtype: str | No
     if precision not in ("auto", value):
         raise ConfigError(f"{old} and --precision {precision} disagree; pass only --precision")
     return value
+
+
+def config_options(config_cls):
+    """Decorator: the command takes one option per field of the dataclass `config_cls` that has help metadata
+    (`config.option`), named, typed and defaulted as the field, between its first parameter (the context) and its
+    own options; the command receives them as keyword arguments (`**options`). Each option is written once, as
+    a config field."""
+
+    def decorate(command):
+        own = list(inspect.signature(command, eval_str=True).parameters.values())
+        first, rest = own[0], [p for p in own[1:] if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        hints = typing.get_type_hints(config_cls)
+        derived = []
+        for f in dataclasses.fields(config_cls):
+            if "help" not in f.metadata:
+                continue
+            option = typer.Option(*f.metadata["flags"], help=f.metadata["help"])
+            derived.append(
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    annotation=Annotated[hints[f.name], option],
+                    default=f.metadata.get("cli_default", f.default),
+                )
+            )
+        params = [first, *derived, *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in rest)]
+        command.__signature__ = inspect.Signature(params, return_annotation=None)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

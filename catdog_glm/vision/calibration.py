@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from catdog_glm.device import Precision, cpu_supports_bf16
 from catdog_glm.vision.data import subsample
-from catdog_glm.vision.evaluate import evaluate
+from catdog_glm.vision.evaluate import InferenceSpec, evaluate
 from catdog_glm.vision.loader import ImageDataset, build_loader
 from catdog_glm.vision.quantize import CALIBRATION_IMAGES, fold_batchnorm, int8_supported, quantize_int8
 
@@ -37,15 +37,14 @@ def calibrate(
     train_ds: ImageDataset,
     val_ds: ImageDataset,
     classes: list[str],
-    mean,
-    std,
+    spec: InferenceSpec,
     seed: int,
     arch: str = "",
-    tta: bool = False,
 ) -> tuple[dict[str, float], torch.Tensor | None]:
     """Validation accuracy of `model` (fp32, on the CPU, eval mode) in fp32, bf16 (native only) and int8, and the
     calibration images int8 used: ({"val_acc_fp32": ..., "val_acc_bf16": ..., "val_acc_int8": ...}, images).
-    `tta`: score with test-time flip, as the run validated and as predictors of its checkpoint will run."""
+    `spec` gives the normalization and test-time flip, as the run validated and as predictors of its checkpoint
+    will run; device, precision and layout are the CPU's, per variant."""
     import torch
 
     cpu = torch.device("cpu")
@@ -53,17 +52,8 @@ def calibrate(
     loader = build_loader(val_ds, batch_size=32, shuffle=False, workers=0)
 
     def accuracy(m, precision: Precision, channels_last: bool = True) -> float:
-        return evaluate(
-            m,
-            loader,
-            classes=classes,
-            device=cpu,
-            precision=precision,
-            channels_last=channels_last,
-            mean=mean,
-            std=std,
-            tta=tta,
-        ).accuracy
+        on_cpu = spec.replace(device=cpu, precision=precision, channels_last=channels_last)
+        return evaluate(m, loader, classes=classes, spec=on_cpu).accuracy
 
     folded = fold_batchnorm(model)
     metrics = {"val_acc_fp32": accuracy(folded, Precision(None, False))}
@@ -72,7 +62,7 @@ def calibrate(
     calibration = calibration_images(train_ds, seed)
     if calibration is not None and int8_supported():
         try:
-            quantized = quantize_int8(model, calibration, mean, std)
+            quantized = quantize_int8(model, calibration, spec.mean, spec.std)
             metrics["val_acc_int8"] = accuracy(quantized, Precision(None, False), channels_last=False)
         except Exception as e:  # an architecture FX cannot quantize keeps fp32/bf16
             log.warning("int8 quantization of %s failed (%s); int8 inference is off for it", arch or "the model", e)

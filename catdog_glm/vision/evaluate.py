@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,74 +60,76 @@ class EvalResult:
         }
 
 
-def prepare_batch(batch_uint8, device, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """A uint8 batch as the normalized float tensor the model takes, on `device`."""
+@dataclass(frozen=True)
+class InferenceSpec:
+    """How a model turns a uint8 batch into logits: on which device, in which precision and memory format,
+    normalized with which mean and std, and whether each image is scored with its mirror image (test-time flip).
+    One value for training, validation, evaluation and prediction alike."""
+
+    device: torch.device
+    precision: Precision
+    channels_last: bool = True
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    tta: bool = False
+
+    def __post_init__(self) -> None:  # checkpoints hold lists; a frozen spec holds tuples
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def replace(self, **changes) -> InferenceSpec:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint: ClassifierCheckpoint, device, mode: str) -> InferenceSpec:
+        """How `checkpoint` runs on `device` in `mode` (fp32, bf16, fp16 or int8): int8 is a quantized CPU graph
+        in fp32 and contiguous layout; the others autocast in channels_last. Scored with test-time flip when the
+        run that made it was (the scratch recipe)."""
+        if mode == "int8":
+            precision, channels_last = Precision(None, False), False
+        else:
+            precision, channels_last = resolve_precision(device, mode), True
+        tta = bool((checkpoint.config or {}).get("tta"))
+        return cls(device, precision, channels_last, checkpoint.mean, checkpoint.std, tta)
+
+
+def prepare_batch(batch_uint8, spec: InferenceSpec):
+    """A uint8 batch as the normalized float tensor the model takes, on the spec's device and in its layout."""
     import torch
 
-    x = normalize_batch(batch_uint8.to(device, non_blocking=True), mean, std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    x = normalize_batch(batch_uint8.to(spec.device, non_blocking=True), spec.mean, spec.std)
+    return x.contiguous(memory_format=torch.channels_last) if spec.channels_last else x
 
 
-def forward(model, x, device, precision: Precision, tta: bool = False):
-    """float32 logits of a prepared batch; with `tta` (test-time flip) the mean of the logits of the batch and of
-    its mirror image, the cheapest test-time augmentation and the one that never hurts a cat or a dog."""
-    with autocast(device, precision):
-        if not tta:
+def forward(model, x, spec: InferenceSpec):
+    """float32 logits of a prepared batch; with `spec.tta` (test-time flip) the mean of the logits of the batch and
+    of its mirror image, the cheapest test-time augmentation and the one that never hurts a cat or a dog."""
+    with autocast(spec.device, spec.precision):
+        if not spec.tta:
             return model(x).float()
         return (model(x).float() + model(x.flip(3)).float()) / 2
 
 
-def run_model(
-    model,
-    batch_uint8,
-    device,
-    precision: Precision,
-    channels_last: bool,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    tta: bool = False,
-):
-    """Normalize a uint8 batch on `device` and return float32 logits (the one forward used everywhere)."""
-    return forward(model, prepare_batch(batch_uint8, device, channels_last, mean, std), device, precision, tta)
+def run_model(model, batch_uint8, spec: InferenceSpec):
+    """Normalize a uint8 batch as `spec` says and return float32 logits (the one forward used everywhere)."""
+    return forward(model, prepare_batch(batch_uint8, spec), spec)
 
 
-def infer_logits(
-    model,
-    batch_uint8,
-    device,
-    precision: Precision,
-    channels_last: bool,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    tta: bool = False,
-):
+def infer_logits(model, batch_uint8, spec: InferenceSpec):
     """`run_model` for inference (eval mode, no gradients): the batch in chunks of the size the device runs
     fastest (see `device.inference_chunk_size`); the same logits as one forward of the whole batch, up to rounding."""
     import torch
 
-    chunk = inference_chunk_size(device) or len(batch_uint8)
+    chunk = inference_chunk_size(spec.device) or len(batch_uint8)
     if len(batch_uint8) <= chunk:
-        return run_model(model, batch_uint8, device, precision, channels_last, mean, std, tta)
-    parts = batch_uint8.split(chunk)
-    return torch.cat([run_model(model, part, device, precision, channels_last, mean, std, tta) for part in parts])
+        return run_model(model, batch_uint8, spec)
+    return torch.cat([run_model(model, part, spec) for part in batch_uint8.split(chunk)])
 
 
-def evaluate(
-    model,
-    loader,
-    *,
-    classes: list[str],
-    device,
-    precision: Precision,
-    channels_last: bool = True,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    on_batch=None,
-    keep_predictions: bool = False,
-    tta: bool = False,
-):
+def evaluate(model, loader, *, classes: list[str], spec: InferenceSpec, on_batch=None, keep_predictions: bool = False):
     """Loss and confusion matrix of `model` over `loader`; optionally the (index, probabilities) of each sample.
-    `tta`: score each image by the mean logits of it and its mirror image (as the run that made the model did)."""
+    With `spec.tta` each image is scored by the mean logits of it and its mirror image (as the run that made the
+    model did)."""
     import torch
     import torch.nn.functional as F
 
@@ -141,7 +144,7 @@ def evaluate(
             if batch is None:
                 continue
             images, labels, indices = batch
-            logits = infer_logits(model, images, device, precision, channels_last, mean, std, tta).cpu()
+            logits = infer_logits(model, images, spec).cpu()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             predicted = logits.argmax(1)
             confusion += torch.bincount(labels * k + predicted, minlength=k * k).view(k, k)
@@ -219,28 +222,14 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     if precision == "int8":
         require_int8(dev, ckpt.calibration)
-        model, channels_last = (
-            quantize_int8(build_model_from_checkpoint(ckpt), ckpt.calibration, ckpt.mean, ckpt.std),
-            False,
-        )
-        autocast_precision = Precision(None, False)
+        model = quantize_int8(build_model_from_checkpoint(ckpt), ckpt.calibration, ckpt.mean, ckpt.std)
     else:
-        autocast_precision, channels_last = resolve_precision(dev, precision), True
         model = build_model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)
+    # Scored as the training run's final validation did (with test-time flip when it used it).
+    spec = InferenceSpec.for_checkpoint(ckpt, dev, precision)
     ds = ImageDataset(samples, ckpt.image_size)
     loader = build_loader(ds, batch_size=batch_size, shuffle=False, workers=workers)
     if on_start:
         on_start(len(samples))
-    result = evaluate(
-        model,
-        loader,
-        classes=ckpt.classes,
-        device=dev,
-        precision=autocast_precision,
-        channels_last=channels_last,
-        mean=ckpt.mean,
-        std=ckpt.std,
-        on_batch=on_batch,
-        tta=bool(ckpt.config.get("tta")),  # score as the training run's final validation did
-    )
+    result = evaluate(model, loader, classes=ckpt.classes, spec=spec, on_batch=on_batch)
     return CheckpointEvaluation(result=result, checkpoint=ckpt, images=images, skipped_files=ds.corrupt_files())

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from catdog_glm.config import PRECISIONS, check_precision
-from catdog_glm.device import Precision, cpu_supports_bf16, resolve_device, resolve_onnx_providers, resolve_precision
+from catdog_glm.device import cpu_supports_bf16, resolve_device, resolve_onnx_providers, resolve_precision
 from catdog_glm.errors import CheckpointError, ConfigError, ImageError
 from catdog_glm.vision.checkpoint import ClassifierCheckpoint, build_model_from_checkpoint, load_checkpoint
-from catdog_glm.vision.evaluate import infer_logits
+from catdog_glm.vision.evaluate import InferenceSpec, infer_logits
 from catdog_glm.vision.images import DEFAULT_MAX_PIXELS, is_image_file
 from catdog_glm.vision.quantize import fold_batchnorm, int8_supported, quantize_int8, require_int8, within_tolerance
 from catdog_glm.vision.transforms import load_resized, normalize_batch
@@ -161,13 +161,10 @@ class Predictor(BasePredictor):
         model = build_model_from_checkpoint(checkpoint)
         if self.mode == "int8":
             self.model = quantize_int8(model, checkpoint.calibration, checkpoint.mean, checkpoint.std)
-            self.precision, self.channels_last = Precision(None, False), False
         else:
             self.model = fold_batchnorm(model).to(self.device).to(memory_format=torch.channels_last)
-            self.precision = resolve_precision(self.device, self.mode)
-            self.channels_last = True
         # A model trained with test-time flip (the scratch recipe) predicts as its validation scored it.
-        self.tta = bool((checkpoint.config or {}).get("tta"))
+        self.spec = InferenceSpec.for_checkpoint(checkpoint, self.device, self.mode)
         self._lock = threading.Lock()  # one forward at a time: threads would only fight over the cores
 
     def _choose_mode(self, requested: str) -> str:
@@ -213,16 +210,7 @@ class Predictor(BasePredictor):
         import torch
 
         with self._lock, torch.inference_mode():
-            logits = infer_logits(
-                self.model,
-                batch_uint8,
-                self.device,
-                self.precision,
-                channels_last=self.channels_last,
-                mean=self.checkpoint.mean,
-                std=self.checkpoint.std,
-                tta=self.tta,
-            )
+            logits = infer_logits(self.model, batch_uint8, self.spec)
             return logits.softmax(1).cpu()
 
 

@@ -9,9 +9,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from catdog_glm.device import Precision
-from catdog_glm.vision.evaluate import EvalResult, evaluate, forward, prepare_batch
-from catdog_glm.vision.transforms import IMAGENET_MEAN, IMAGENET_STD
+from catdog_glm.vision.distributed import all_reduce_sum
+from catdog_glm.vision.evaluate import EvalResult, InferenceSpec, evaluate, forward, prepare_batch
 
 
 @dataclass
@@ -30,12 +29,8 @@ def train_one_epoch(
     loader,
     optimizer,
     scaler,
+    spec: InferenceSpec,
     *,
-    device,
-    precision: Precision,
-    channels_last: bool,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
     mixer=None,
     label_smoothing: float = 0.0,
     ema=None,
@@ -47,10 +42,12 @@ def train_one_epoch(
 
     `mixer` (transforms.BatchMixer) turns labels into soft targets, mixing the batch's images by mixup or cutmix;
     `label_smoothing` as in F.cross_entropy; `ema` (timm's ModelEmaV3) is updated after every optimizer step, its
-    decay warming up with the run's step count (`step`: optimizer steps taken before this epoch).
+    decay warming up with the run's step count (`step`: optimizer steps taken before this epoch). `spec` says
+    where and how batches run; its test-time flip is for scoring only and does not apply here.
     """
     import torch.nn.functional as F
 
+    spec = spec.replace(tta=False)
     model.train()
     loss_sum, seen, started = 0.0, 0, time.perf_counter()
     for batch in loader:
@@ -59,12 +56,12 @@ def train_one_epoch(
                 on_step(float("nan"), 0)
             continue
         images, labels, _ = batch
-        labels = labels.to(device, non_blocking=True)
-        x = prepare_batch(images, device, channels_last, mean, std)
+        labels = labels.to(spec.device, non_blocking=True)
+        x = prepare_batch(images, spec)
         target = labels
         if mixer is not None:
             x, target = mixer(x, labels)  # mixing normalized images is mixing pixels: the normalization is affine
-        logits = forward(model, x, device, precision)
+        logits = forward(model, x, spec)
         loss = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -86,15 +83,10 @@ def validate(
     loader,
     *,
     classes: list[str],
-    device,
-    precision: Precision,
-    channels_last: bool,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
+    spec: InferenceSpec,
     world_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
     keep_predictions: bool = False,
-    tta: bool = False,
 ) -> tuple[EvalResult, list]:
     """Loss and confusion matrix over `loader` (and, if asked, each sample's (index, probabilities)).
 
@@ -103,27 +95,12 @@ def validate(
     """
     import torch
 
-    out = evaluate(
-        model,
-        loader,
-        classes=classes,
-        device=device,
-        precision=precision,
-        channels_last=channels_last,
-        mean=mean,
-        std=std,
-        on_batch=on_batch,
-        keep_predictions=keep_predictions,
-        tta=tta,
-    )
+    out = evaluate(model, loader, classes=classes, spec=spec, on_batch=on_batch, keep_predictions=keep_predictions)
     result, predictions = out if keep_predictions else (out, [])
     if world_size > 1:
-        import torch.distributed as dist
-
-        packed = torch.cat([result.confusion.flatten().double(), torch.tensor([result.loss_sum])]).to(device)
-        dist.all_reduce(packed)
+        packed = torch.cat([result.confusion.flatten().double(), torch.tensor([result.loss_sum])])
+        packed = all_reduce_sum(packed, spec.device)
         k = len(classes)
-        packed = packed.cpu()
         result = EvalResult(
             loss_sum=float(packed[-1]), confusion=packed[:-1].round().long().view(k, k), classes=classes
         )

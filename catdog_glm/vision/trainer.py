@@ -2,20 +2,19 @@
 
 One call, `train(config, callbacks)`, does the whole run; the CLI only renders what the callbacks report.
 The parts, after timm: `build_data` and `build_state` set up, `train_one_epoch` and `validate` (train_loop.py) are
-the loop, `CheckpointSaver` (saver.py) owns best.pt/last.pt, `calibrate` (calibration.py) is the step after
-training. Under torchrun it trains with DistributedDataParallel; only rank 0 logs, prints and saves. Whatever
+the loop, `CheckpointSaver` (saver.py) owns best.pt/last.pt, `TrainState.state_dict()` is what last.pt keeps to
+resume, `calibrate` (calibration.py) is the step after training (--no-calibrate skips it), results.py writes
+results.csv and rng.py seeds, saves and restores the RNG. Under torchrun (distributed.py) it trains with
+DistributedDataParallel; only rank 0 logs, prints and saves. Whatever
 ends a run (the last epoch, an error, Ctrl-C), the tracker, the process group and the callbacks are closed and the
 run folder holds a readable last.pt and no temp files.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,23 +23,25 @@ from pathlib import Path
 import yaml
 
 from catdog_glm.config import TrainConfig
-from catdog_glm.device import Precision, resolve_device, resolve_precision
+from catdog_glm.device import Precision, resolve_precision
 from catdog_glm.errors import CatdogError, ConfigError, DataError
 from catdog_glm.vision.calibration import calibrate
 from catdog_glm.vision.checkpoint import LAST_NAME, ClassifierCheckpoint, load_checkpoint
 from catdog_glm.vision.data import Dataset, discover, subsample
+from catdog_glm.vision.distributed import DistInfo, barrier, leave_distributed, rank_device, setup_distributed
+from catdog_glm.vision.evaluate import InferenceSpec
 from catdog_glm.vision.loader import ImageDataset, build_loader, cache_bytes, cache_fits
 from catdog_glm.vision.model import build_model, load_pretrained, prepare_for_device
 from catdog_glm.vision.plots import plot_confusion_matrix, plot_results
+from catdog_glm.vision.results import RESULTS_NAME, epoch_row, write_results_csv
+from catdog_glm.vision.rng import restore_rng, rng_state, seed_everything
 from catdog_glm.vision.saver import CheckpointSaver
-from catdog_glm.vision.state_dict import remove_stale_temp_files, write_atomic
+from catdog_glm.vision.state_dict import remove_stale_temp_files
 from catdog_glm.vision.tracking import Tracker, build_tracker
 from catdog_glm.vision.train_loop import train_one_epoch, validate
 from catdog_glm.vision.transforms import BatchMixer, TrainAugment, normalization_for
 
 log = logging.getLogger(__name__)
-
-RESULTS_FIELDS = ["epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s", "epoch_seconds"]
 
 
 class TrainCallbacks:
@@ -93,51 +94,7 @@ class TrainResult:
     inference_accuracy: dict[str, float] = field(default_factory=dict)
 
 
-# ---- processes, seeds, files ----------------------------------------------------------------------------------
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device_name: str) -> _Dist:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch
-    import torch.distributed as dist
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return _Dist(rank=rank, world=world, local_rank=local_rank)
-
-
-def _leave_distributed(d: _Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train_device(cfg: TrainConfig, d: _Dist):
-    import torch
-
-    if d.world > 1 and torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
-        return torch.device("cuda", d.local_rank)
-    return resolve_device(cfg.device)
-
-
+# ---- processes, files ---------------------------------------------------------------------------------------
 def _resolve_workers(requested: int, device) -> int:
     if requested >= 0:
         return requested
@@ -146,40 +103,6 @@ def _resolve_workers(requested: int, device) -> int:
     # them (measured here, 2 cores, ResNet50: 1 worker 7.4 images/s, none 16.3), and the RAM cache already
     # took decoding off the training loop.
     return min(8, cpus) if device.type == "cuda" else 0
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    import torch
-
-    return {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-    }
-
-
-def _restore_rng(state: dict) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-
-
-def _write_results_csv(path: Path, history: list[dict]) -> None:
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=RESULTS_FIELDS)
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: row[k] for k in RESULTS_FIELDS})
-    write_atomic(path, lambda f: f.write(text.getvalue().encode("utf-8")))
 
 
 def _open_run(cfg: TrainConfig, output: Path) -> ClassifierCheckpoint | None:
@@ -237,7 +160,7 @@ class TrainData:
         return self.dataset.classes
 
 
-def build_data(cfg: TrainConfig, d: _Dist, device, on_message: Callable[[str], None]) -> TrainData:
+def build_data(cfg: TrainConfig, d: DistInfo, device, on_message: Callable[[str], None]) -> TrainData:
     """The dataset's train and val splits as datasets (RAM-cached where they fit) and their loaders."""
     from torch.utils.data import DistributedSampler, Subset
 
@@ -297,7 +220,8 @@ def fill_caches(data: TrainData, callbacks: TrainCallbacks) -> None:
 
 @dataclass
 class TrainState:
-    """Everything the loop changes: weights, optimizer, schedule, scaler, position and history."""
+    """Everything the loop changes: weights, optimizer, schedule, scaler, position and history. `state_dict()` is
+    last.pt's `training_state` (with the process's RNG); `load_state_dict()` puts a saved one back (see `_resume`)."""
 
     model: object
     ddp_model: object  # the model itself, or its DistributedDataParallel wrapper
@@ -310,14 +234,53 @@ class TrainState:
     pretrained_note: str
     ema: object = None  # timm ModelEmaV3 when --ema: its weights are the ones validated and saved
     mixer: object = None  # transforms.BatchMixer when --mixup/--cutmix
-    start_epoch: int = 0
-    step: int = 0
+    epochs: int = 1  # planned: the run trains epochs [epoch, epochs)
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimizer steps done
+    stopped_early: bool = False
     history: list[dict] = field(default_factory=list)
 
     @property
     def eval_model(self):
         """The weights the run validates and saves: the moving average when there is one."""
         return self.ema.module if self.ema is not None else self.model
+
+    def state_dict(self) -> dict:
+        """What resuming needs besides the saved weights (last.pt's `model`, which is `eval_model`'s): optimizer,
+        schedule, scaler, position, history, the process's RNG and, with --ema, the weights being trained."""
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "epochs": self.epochs,
+            "stopped_early": self.stopped_early,
+            "step": self.step,
+            "history": self.history,
+            "rng": rng_state(),
+        }
+        if self.ema is not None:
+            state["raw_model"] = self.model.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, weights: dict) -> None:
+        """Continue from `state` (a `state_dict()`) and the saved `weights`. Raises ValueError when the optimizer
+        state does not fit this optimizer. With a larger planned `epochs` than the saved run's, the next epoch's
+        learning rate comes from the stretched schedule, not the old one's end."""
+        raw = state.get("raw_model")  # with --ema, `weights` are the average and this the weights being trained
+        self.model.load_state_dict(raw if raw is not None else weights)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(weights if raw is not None else self.model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])  # ValueError: e.g. Adam's one group against AdamW's two
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.stopped_early = bool(state.get("stopped_early", False))
+        self.history = list(state["history"])
+        restore_rng(state["rng"])
+        if self.epochs != int(state.get("epochs", self.epochs)):
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                group["lr"] = base * self.lr_factor(self.scheduler.last_epoch)
 
 
 def _decay_groups(model, weight_decay: float) -> list[dict]:
@@ -345,7 +308,7 @@ def lr_schedule(schedule: str, epochs: int, warmup_epochs: int = 0) -> Callable[
     return factor
 
 
-def build_state(cfg: TrainConfig, num_classes: int, device, precision: Precision, d: _Dist) -> TrainState:
+def build_state(cfg: TrainConfig, num_classes: int, device, precision: Precision, d: DistInfo) -> TrainState:
     """The model (start weights loaded unless resuming), the optimizer, the learning-rate schedule, the grad
     scaler, and the weight average and batch mixer where the recipe asks for them."""
     import torch
@@ -377,41 +340,32 @@ def build_state(cfg: TrainConfig, num_classes: int, device, precision: Precision
     mixer = None
     if cfg.mixup or cfg.cutmix:
         mixer = BatchMixer(num_classes, mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mix_prob)
-    return TrainState(model, ddp_model, optimizer, scheduler, scaler, factor, mean, std, note, ema, mixer)
+    return TrainState(
+        model, ddp_model, optimizer, scheduler, scaler, factor, mean, std, note, ema, mixer, epochs=cfg.epochs
+    )
 
 
 def _resume(saved: ClassifierCheckpoint, state: TrainState, saver: CheckpointSaver, cfg: TrainConfig, classes) -> str:
     """Continue from last.pt: weights, optimizer, schedule, scaler, position, score, history and RNG."""
-    ts = saved.raw["training_state"]
     if saved.arch != cfg.arch or saved.classes != classes:
         raise ConfigError(
             f"--resume: {saver.last_path} is a {saved.arch} over {saved.classes}, but this run "
             f"asks for {cfg.arch} over {classes}; use the same --arch and --data"
         )
-    raw = ts.get("raw_model")  # with --ema, last.pt's model is the average and this the weights being trained
-    state.model.load_state_dict(raw if raw is not None else saved.model_state)
-    if state.ema is not None:
-        state.ema.module.load_state_dict(saved.model_state if raw is not None else state.model.state_dict())
+    ts = saved.raw["training_state"]
+    planned = int(ts.get("epochs", cfg.epochs))
     try:
-        state.optimizer.load_state_dict(ts["optimizer"])
+        state.load_state_dict(ts, saved.model_state)
     except ValueError as e:  # e.g. Adam's one parameter group against AdamW's two
         raise ConfigError(
             f"--resume: the optimizer state in {saver.last_path} does not fit --optimizer {cfg.optimizer} ({e}); "
             "resume with the options the run was started with"
         ) from e
-    state.scheduler.load_state_dict(ts["scheduler"])
-    state.scaler.load_state_dict(ts["scaler"])
-    state.start_epoch, state.step = int(ts["epoch"]), int(ts["step"])
     saver.load_state_dict(ts)
-    state.history = list(ts["history"])
-    _restore_rng(ts["rng"])
-    if cfg.epochs != int(ts.get("epochs", cfg.epochs)):
-        # A longer run: the next epoch's learning rate comes from the stretched schedule, not the old one's end.
-        for group, base in zip(state.optimizer.param_groups, state.scheduler.base_lrs, strict=True):
-            group["lr"] = base * state.lr_factor(state.scheduler.last_epoch)
-        if ts.get("stopped_early"):
-            saver.bad_epochs = 0  # asked for more epochs: early stopping counts afresh
-    return f"resumed from {saver.last_path} at epoch {state.start_epoch + 1}"
+    if state.stopped_early and cfg.epochs != planned:
+        state.stopped_early = False
+        saver.bad_epochs = 0  # asked for more epochs: early stopping counts afresh
+    return f"resumed from {saver.last_path} at epoch {state.epoch + 1}"
 
 
 def _start_tracker(cfg: TrainConfig, output: Path) -> Tracker:
@@ -433,7 +387,7 @@ class _Run:
     """What one run's steps share; `train()` builds it and each step reads it."""
 
     cfg: TrainConfig
-    d: _Dist
+    d: DistInfo
     device: object
     precision: Precision
     data: TrainData
@@ -442,21 +396,22 @@ class _Run:
     tracker: Tracker
     cb: TrainCallbacks
 
+    @property
+    def spec(self) -> InferenceSpec:
+        """How this rank runs the model: per-epoch validation scores without test-time flip (it only tracks
+        progress, and would cost twice the time); the final score flips as --tta says."""
+        return InferenceSpec(self.device, self.precision, self.cfg.channels_last, self.state.mean, self.state.std)
+
     def validate(self, model, keep_predictions: bool = False, tta: bool = False):
         self.cb.on_validate_start(len(self.data.val_ds) // self.d.world)
         return validate(
             model,
             self.data.val_loader,
             classes=self.data.classes,
-            device=self.device,
-            precision=self.precision,
-            channels_last=self.cfg.channels_last,
-            mean=self.state.mean,
-            std=self.state.std,
+            spec=self.spec.replace(tta=tta),
             world_size=self.d.world,
             on_batch=self.cb.on_validate_batch,
             keep_predictions=keep_predictions,
-            tta=tta,
         )
 
 
@@ -470,7 +425,7 @@ def _fit(run: _Run) -> bool:
             run.tracker.log({"train_loss": loss}, step=state.step)
         run.cb.on_step(loss, images)
 
-    for epoch in range(state.start_epoch, cfg.epochs):
+    for epoch in range(state.epoch, cfg.epochs):
         epoch_started = time.perf_counter()
         data.sampler.set_epoch(epoch)
         data.train_ds.set_epoch(epoch)
@@ -480,11 +435,7 @@ def _fit(run: _Run) -> bool:
             data.train_loader,
             state.optimizer,
             state.scaler,
-            device=run.device,
-            precision=run.precision,
-            channels_last=cfg.channels_last,
-            mean=state.mean,
-            std=state.std,
+            run.spec,
             mixer=state.mixer,
             label_smoothing=cfg.label_smoothing,
             ema=state.ema,
@@ -495,43 +446,30 @@ def _fit(run: _Run) -> bool:
         state.scheduler.step()
         val, _ = run.validate(state.eval_model)
         improved = saver.observe(val.accuracy, epoch + 1)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": round(stats.loss, 6),
-            "val_loss": round(val.loss, 6),
-            "val_acc": round(val.accuracy, 6),
-            "lr": lr,
-            "images_per_s": round(stats.images_per_s, 3),
-            "epoch_seconds": round(time.perf_counter() - epoch_started, 2),
-        }
+        row = epoch_row(
+            epoch + 1,
+            train_loss=stats.loss,
+            val_loss=val.loss,
+            val_acc=val.accuracy,
+            lr=lr,
+            images_per_s=stats.images_per_s,
+            seconds=time.perf_counter() - epoch_started,
+        )
         state.history.append(row)
-        stop = bool(cfg.patience) and saver.bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs
+        state.epoch = epoch + 1
+        state.stopped_early = bool(cfg.patience) and saver.bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs
         run.tracker.log({"val_loss": val.loss, "val_acc": val.accuracy, "lr": lr, "epoch": epoch + 1}, step=state.step)
-        training_state = {
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "scaler": state.scaler.state_dict(),
-            "epoch": epoch + 1,
-            "epochs": cfg.epochs,
-            "stopped_early": stop,
-            "step": state.step,
-            **saver.state_dict(),
-            "history": state.history,
-            "rng": _rng_state(),
-        }
-        if state.ema is not None:
-            training_state["raw_model"] = state.model.state_dict()
         saver.save(
             state.eval_model,
             epoch=epoch + 1,
             metrics={"val_acc": row["val_acc"], "val_loss": row["val_loss"]},
             improved=improved,
-            training_state=training_state,
+            training_state={**state.state_dict(), **saver.state_dict()},
         )
         if run.d.main:
-            _write_results_csv(saver.folder / "results.csv", state.history)
+            write_results_csv(saver.folder / RESULTS_NAME, state.history)
         run.cb.on_epoch_end(row)
-        if stop:
+        if state.stopped_early:
             run.cb.on_message(f"early stopping: no better val accuracy for {cfg.patience} epochs")
             return True
     return False
@@ -561,7 +499,7 @@ def _finish(run: _Run, started: float, stopped_early: bool) -> TrainResult:
         if state.history:
             plot_results(state.history, saver.folder / "results.png")
         if cfg.int8 and best is not None:
-            run.cb.on_message("checking fp32 / bf16 / int8 validation accuracy on the CPU")
+            run.cb.on_message("checking fp32 / bf16 / int8 validation accuracy on the CPU (--no-calibrate skips this)")
             model = build_model(cfg.arch, len(data.classes))
             model.load_state_dict(best)
             inference, calibration = calibrate(
@@ -569,11 +507,9 @@ def _finish(run: _Run, started: float, stopped_early: bool) -> TrainResult:
                 train_ds=data.train_ds,
                 val_ds=data.val_ds,
                 classes=data.classes,
-                mean=state.mean,
-                std=state.std,
+                spec=run.spec.replace(tta=cfg.tta),
                 seed=cfg.seed,
                 arch=cfg.arch,
-                tta=cfg.tta,
             )
             run.tracker.log(inference, step=state.step)
             saver.add_to_best(metrics=inference, calibration=calibration)
@@ -620,15 +556,15 @@ def train(cfg: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainRes
     """
     cfg.validate()
     shown = callbacks or TrainCallbacks()
-    d = _setup_distributed(cfg.device)
+    d = setup_distributed(cfg.device)
     cb = shown if d.main else TrainCallbacks()  # only rank 0 prints
     tracker, outcome = Tracker(), "crashed"
     try:
-        device = _train_device(cfg, d)
+        device = rank_device(cfg.device, d)
         precision = resolve_precision(device, cfg.precision)
         output = Path(cfg.output)
         saved = _open_run(cfg, output)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         data = build_data(cfg, d, device, cb.on_message)
         state = build_state(cfg, len(data.classes), device, precision, d)
         meta = dict(
@@ -664,7 +600,7 @@ def train(cfg: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainRes
                 "world_size": d.world,
                 "arch": cfg.arch,
                 "recipe": cfg.recipe,
-                "start_epoch": state.start_epoch,
+                "start_epoch": state.epoch,
             }
         )
         if resumed:
@@ -672,10 +608,7 @@ def train(cfg: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainRes
         fill_caches(data, cb)
         started = time.perf_counter()
         stopped_early = _fit(run)
-        if d.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # rank 0 has written best.pt before anyone reads it
+        barrier(d)  # rank 0 has written best.pt before anyone reads it
         result = _finish(run, started, stopped_early)
         outcome = "success"
         return result if d.main else None
@@ -684,5 +617,5 @@ def train(cfg: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainRes
         raise
     finally:
         tracker.finish(state=outcome)
-        _leave_distributed(d)
+        leave_distributed(d)
         cb.on_close()
