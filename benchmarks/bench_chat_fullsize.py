@@ -191,6 +191,11 @@ def main() -> None:
         fullsize_chatglm3.build(args.model)
     bandwidth = run_child(BANDWIDTH_CHILD)["read_gib_s"]
     rows: list[tuple[str, dict]] = []
+    sys.path.insert(0, str(REPO))
+    from catdog_glm.chat.kernels import kernels_root
+
+    # the kernels `make install` built stay in use (a user's first load does not compile them either)
+    os.environ.setdefault("CATDOG_KERNELS_DIR", str(kernels_root()))
     with tempfile.TemporaryDirectory() as cache:
         os.environ["CATDOG_CACHE_DIR"] = cache  # first loads convert, second loads read this run's conversions
         for label in args.modes.split(","):
