@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -74,6 +73,17 @@ class ToolStep:
             return f"error: {self.error}"
         r = self.result
         return f"{r['label']} ({r['probability']:.1%}) by {r['classifier']}"
+
+
+def observation(result: dict) -> str:
+    """What the model reads back: one plain sentence. A small model tends to repeat its tool's output, and a JSON
+    object naming both classes made SmolLM2's answers name both animals (0/10 answers right, 10/10 with this)."""
+    if "error" in result:
+        return f"The photo could not be classified: {result['error']}"
+    return (
+        f"The classifier {result['classifier']} says the photo shows a {result['label']} "
+        f"({result['probability']:.0%} sure)."
+    )
 
 
 def read_data_url(url: str, key: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Attachment:
@@ -346,7 +356,7 @@ async def converse(
                     "role": "tool",
                     "tool_call_id": call["id"],
                     "name": TOOL_NAME,
-                    "content": json.dumps(result, ensure_ascii=False),
+                    "content": observation(result),
                 }
             )
 
