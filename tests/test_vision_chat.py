@@ -313,3 +313,24 @@ def test_page_takes_a_photo_shows_the_step_and_the_answer(live_page, tmp_path):
         page.screenshot(path=str(shots / "serve_chat_photo.png"), full_page=True)
         browser.close()
     assert (shots / "serve_chat_photo.png").stat().st_size > 10_000
+
+
+def test_chatglm3_protocol_the_forced_call_runs_and_its_observation_goes_back(tiny_checkpoint, tool, tmp_path):
+    """The tiny random ChatGLM3: the first round is held to `classify_image(image="image_1")` in ChatGLM3's own
+    call syntax, the server runs it, and the observation turn is written in ChatGLM3's protocol."""
+    from catdog_glm.chat.loading import load_chat_model
+    from tests.chatglm_tiny import make_tiny_chatglm3
+
+    folder = make_tiny_chatglm3(tmp_path / "glm", "safetensors", shards=1, seq_length=2048)
+    chat = load_chat_model(str(folder), dtype="fp32")
+    assert chat.tool_format == "chatglm3"
+    engine = ChatEngine(chat, max_batch_size=2, max_batch_tokens=8192)
+    try:
+        glm = TestClient(create_api(engine, ApiLimits(), vision=attach_classifier(engine, tool)))
+        r = post(glm, ask(data_url(jpeg())), max_tokens=8)
+        assert r.status_code == 200, r.text
+        [step] = r.json()["catdog"]["tool_steps"]
+        assert step["arguments"] == {"image": "image_1"} and step["result"]["label"] in ("cat", "dog")
+        assert r.json()["usage"]["prompt_tokens"] > 0
+    finally:
+        engine.close()

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 TOOL_NAME = "classify_image"
 MAX_TOOL_ROUNDS = 3  # rounds that may call the classifier; the round after them must answer
 DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one photo, decoded; as serve-classifier's uploads
+MIN_CALL_TOKENS = 64  # a forced classify_image call fits in this many tokens, whatever max_tokens the client set
 IMAGE_PART_TYPES = ("image_url", "input_image")
 
 
@@ -304,6 +305,8 @@ async def converse(
                 choice = {"type": "function", "function": {"name": TOOL_NAME}}
             constraint = tool_constraint(offered, choice, fmt, parallel=parallel)
         options = dict(sampling or {})
+        if constraint is not None and "max_new_tokens" in options:  # a forced call is never cut by a short answer's
+            options["max_new_tokens"] = max(options["max_new_tokens"], MIN_CALL_TOKENS)  # token budget
         if offered:
             options["tools"] = offered
         if constraint is not None:
