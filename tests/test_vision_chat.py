@@ -50,7 +50,7 @@ def script(prompt: str) -> str:
         label = re.search(r"shows a (\w+)", said).group(1)
         return f"It is a {label}."
     if last.startswith("<|im_start|>user\n") and "[photo image_" in last:
-        return CALL
+        return CALL.replace("image_1", re.findall(r"\[photo (image_\d+)\]", last)[-1])
     return default_script(prompt)
 
 
@@ -298,6 +298,8 @@ def test_page_takes_a_photo_shows_the_step_and_the_answer(live_page, tmp_path):
     from playwright.sync_api import sync_playwright
 
     photo = save_image(tmp_path / "kitty.jpg", size=(96, 72), color=(180, 120, 60))
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is not an image")
     shots = screenshot_dir(tmp_path)
     with sync_playwright() as p:
         browser, page = open_page(p, live_page + "/")
@@ -311,6 +313,17 @@ def test_page_takes_a_photo_shows_the_step_and_the_answer(live_page, tmp_path):
         text = page.inner_text("#chatbot")
         assert TOOL_NAME in text and "best.pt" in text  # the step's title: the call and its verdict
         page.screenshot(path=str(shots / "serve_chat_photo.png"), full_page=True)
+        # a second turn with a file that is not an image: the tool's one-line error, and the page goes on
+        page.locator("#query input[type=file]").set_input_files(str(bad))
+        page.locator("#query textarea").fill("And this one?")
+        page.wait_for_timeout(500)
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_function(
+            "() => document.querySelector('#chatbot').innerText.includes('Sorry: image_2: not an image')",
+            timeout=60_000,
+        )
+        assert "classify_image(image=image_2)" in page.inner_text("#chatbot")
+        page.screenshot(path=str(shots / "serve_chat_photo_error.png"), full_page=True)
         browser.close()
     assert (shots / "serve_chat_photo.png").stat().st_size > 10_000
 

@@ -240,10 +240,12 @@ def split_images(
     return out, images
 
 
-def photo_is_new(messages: list[dict]) -> bool:
-    """The last message is the user's and shows a photo: look at it before answering."""
+def new_photos(messages: list[dict], images: dict[str, Attachment]) -> list[str]:
+    """The photos the last message shows, when it is the user's: to be looked at before answering."""
     last = messages[-1] if messages else {}
-    return last.get("role") == "user" and "[photo image_" in str(last.get("content"))
+    if last.get("role") != "user":
+        return []
+    return [key for key in images if placeholder(key) in str(last.get("content"))]
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
@@ -301,9 +303,12 @@ async def converse(
         constraint = None
         if round_ == 0 and offered:
             choice = tool_choice
-            if choice in (None, "auto") and builtin and photo_is_new(history):
+            fresh = new_photos(history, images) if builtin else []
+            if choice in (None, "auto") and fresh:  # a call of the new photo (or one of them), by grammar
                 choice = {"type": "function", "function": {"name": TOOL_NAME}}
-            constraint = tool_constraint(offered, choice, fmt, parallel=parallel)
+                constraint = tool_constraint([tool.spec(fresh)], choice, fmt, parallel=parallel)
+            else:
+                constraint = tool_constraint(offered, choice, fmt, parallel=parallel)
         options = dict(sampling or {})
         if constraint is not None and "max_new_tokens" in options:  # a forced call is never cut by a short answer's
             options["max_new_tokens"] = max(options["max_new_tokens"], MIN_CALL_TOKENS)  # token budget
