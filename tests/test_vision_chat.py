@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from catdog_glm.chat.engine import ChatEngine
+from catdog_glm.errors import ConfigError
 from catdog_glm.serve.chat_api import ApiLimits, create_api
 from catdog_glm.serve.chat_server import create_chat_app
 from catdog_glm.serve.vision_tool import MAX_TOOL_ROUNDS, TOOL_NAME, ClassifierTool, VisionChat, attach_classifier
@@ -347,3 +348,29 @@ def test_chatglm3_protocol_the_forced_call_runs_and_its_observation_goes_back(ti
         assert r.json()["usage"]["prompt_tokens"] > 0
     finally:
         engine.close()
+
+
+def test_data_urls_read_as_browsers_and_clients_write_them():
+    from catdog_glm.serve.vision_tool import read_data_url, split_images
+
+    photo = jpeg()
+    b64 = base64.b64encode(photo).decode()
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))  # MIME line breaks
+    for url in (f"data:image/jpeg;base64,{b64}", f"DATA:image/jpeg;base64,{wrapped}", f"data:;base64,{b64}"):
+        assert read_data_url(url, "image_1").data == photo
+    assert "not a base64 data: URL" in read_data_url("data:image/jpeg,rawbytes", "image_1").error
+    assert read_data_url("data:image/png;base64,", "image_1").error == "image_1: empty file (0 bytes)"
+    messages = [
+        {"role": "user", "content": [{"type": "input_image", "image_url": f"data:image/jpeg;base64,{b64}"}]},
+        {"role": "assistant", "content": "A cat."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "And?"}, {"type": "image_url", "image_url": {"url": ""}}],
+        },
+    ]
+    with pytest.raises(ConfigError, match="must be a data: URL"):
+        split_images(messages)
+    messages[-1]["content"][1]["image_url"]["url"] = f"data:image/jpeg;base64,{b64}"
+    out, images = split_images(messages)
+    assert list(images) == ["image_1", "image_2"] and out[1] == messages[1]
+    assert "".join(p["text"] for p in out[2]["content"]) == "And?\n[photo image_2]\n"
