@@ -44,7 +44,10 @@ def serve_chat(
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="The most new tokens a request may ask for.")] = MAX_NEW_TOKENS_CAP,
     max_messages: Annotated[int, typer.Option(help="The most messages (history included) in one request.")] = 64,
-    max_body: Annotated[int, typer.Option(help="The largest request body in bytes.")] = 1 << 20,
+    max_body: Annotated[
+        int | None,
+        typer.Option(help="The largest request body in bytes (default: 1 MiB; 32 MiB with --classifier, for photos)."),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds a request may generate before it is stopped.")] = 300.0,
     queue_size: Annotated[int, typer.Option(help="Requests generating or waiting; beyond it: 503 + Retry-After.")] = 64,
     max_batch_size: Annotated[
@@ -70,6 +73,13 @@ def serve_chat(
             "serve-chat at this URL instead of loading a model."
         ),
     ] = None,
+    classifier: Annotated[
+        str | None,
+        typer.Option(
+            help="A classifier checkpoint (or exported .onnx) from `catdog train`: the chat model gets a built-in "
+            "classify_image tool and accepts photos on the page and in the API (image_url data: URLs)."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")] = False,
 ) -> None:
     """Serve a chat model: a Gradio page at / plus POST /chat (the book's API) and OpenAI's /v1 API (chat, tools).
@@ -82,6 +92,8 @@ def serve_chat(
     from catdog_glm.serve.chat_server import serve_chat as run_server
 
     dtype = chat_precision(precision, dtype)
+    if max_body is None:
+        max_body = 32 << 20 if classifier else 1 << 20
     batch_limits = [v for v in (max_batch_size, max_batch_tokens) if v is not None]
     if min(max_tokens, max_messages, max_body, queue_size, *batch_limits) < 1 or timeout <= 0:
         raise ConfigError(
@@ -92,6 +104,8 @@ def serve_chat(
         raise ConfigError(f"--ui must be gradio or streamlit, got {ui!r}")
     if api_url and ui != "streamlit":
         raise ConfigError("--api-url makes the Streamlit page a client; use it with --ui streamlit")
+    if classifier and ui != "gradio":
+        raise ConfigError("--classifier works with the Gradio page and the API; leave out --ui streamlit")
     if ui == "streamlit":
         from catdog_glm.serve.streamlit_runner import run_streamlit
 
@@ -111,6 +125,11 @@ def serve_chat(
                 on_ready=console.print,
             )
         )
+    tool = None
+    if classifier:  # before the chat model: a wrong path fails in a second, not after minutes of loading
+        from catdog_glm.serve.vision_tool import ClassifierTool, attach_classifier
+
+        tool = ClassifierTool.load(classifier, device=device)
     engine = load_engine(
         model,
         quantize,
@@ -121,6 +140,7 @@ def serve_chat(
         max_batch_tokens=max_batch_tokens,
         use_cache=not no_cache,
     )
+    vision = attach_classifier(engine, tool) if tool else None
     limits = ApiLimits(
         max_body_bytes=max_body,
         max_messages=max_messages,
@@ -135,9 +155,10 @@ def serve_chat(
         console.print(
             f"Chat page: [bold]{url}[/]\nAPI: POST {url}chat · POST {url}v1/chat/completions · "
             f"POST {url}v1/completions · GET {url}v1/models · docs {url}docs"
-            + ("  (API key required)" if api_key else ""),
+            + ("  (API key required)" if api_key else "")
+            + (f"\nPhotos: classify_image runs {classifier}" if classifier else ""),
             highlight=False,
         )
         console.print("Press Ctrl+C to stop.")
 
-    run_server(engine, limits, host=host, port=port, page_password=api_key, on_ready=ready)
+    run_server(engine, limits, host=host, port=port, page_password=api_key, on_ready=ready, vision=vision)

@@ -588,7 +588,10 @@ def _tools_and_constraint(req: ChatCompletionRequest, tool_format: str | None) -
     return tools, constraint
 
 
-def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id: str | None = None) -> FastAPI:
+def create_api(
+    engine: ChatEngine, limits: ApiLimits | None = None, *, model_id: str | None = None, vision=None
+) -> FastAPI:
+    """`vision`: a serve.vision_tool.VisionChat (serve-chat --classifier) that answers chat requests with photos."""
     limits = limits or ApiLimits()
     model_id = model_id or engine.model.name
     app = FastAPI(
@@ -600,6 +603,7 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
     )
     service = ChatService(engine, limits, model_id)
     app.state.engine, app.state.service = engine, service
+    app.state.vision = vision
     app.add_middleware(BodyGuard, max_bytes=limits.max_body_bytes)
     if limits.cors_origins:  # Gradio's own CORS layer steps aside when the app it is mounted in has this one
         from fastapi.middleware.cors import CORSMiddleware
@@ -718,6 +722,8 @@ def create_api(engine: ChatEngine, limits: ApiLimits | None = None, *, model_id:
         },
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if vision is not None and vision.handles(body):  # photos: the classifier tool's loop (vision_tool.py)
+            return await vision.chat_completions(body, request, service)
         service.check_model(body.model)
         tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         messages, prefill = _engine_messages(body, limits.max_messages)

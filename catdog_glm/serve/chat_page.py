@@ -13,7 +13,8 @@ from catdog_glm.chat.sampling import DEFAULT_MAX_LENGTH, DEFAULT_MAX_NEW_TOKENS
 EXAMPLES = ["What is the capital of France?", "Write a haiku about a cat.", "Give me three tips for learning Python."]
 
 
-def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, vision=None):
+    """`vision` (serve-chat --classifier): a photo may go with the message; see vision_page.py."""
     import gradio as gr
 
     info = engine.info()
@@ -67,6 +68,11 @@ def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = DEFAULT_MAX_NEW
             return "", history
         return _text(history[-1]["content"]), history[:-1]
 
+    if vision is not None:  # photos with the message: the classifier tool's loop (vision_page.py)
+        from catdog_glm.serve import vision_page
+
+        respond = vision_page.make_respond(engine, vision, max_new_tokens=max_new_tokens)  # noqa: F811
+
     with gr.Blocks(title=f"catdog chat · {info['name']}", analytics_enabled=False) as page:
         gr.Markdown(
             f"# catdog chat\n**Model** {info['name']} ({info['kind']}) · **quantization** "
@@ -75,7 +81,11 @@ def build_chat_page(engine: ChatEngine, *, max_new_tokens: int = DEFAULT_MAX_NEW
         )
         chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot")
         with gr.Row():
-            query = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=8, elem_id="query")
+            query = (
+                gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=8, elem_id="query")
+                if vision is None
+                else vision_page.textbox()
+            )
             submit = gr.Button("Submit", variant="primary", scale=1)
             stop_button = gr.Button("Stop", variant="stop", scale=1)
         with gr.Row():

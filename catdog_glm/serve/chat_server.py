@@ -12,11 +12,12 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 GRACE_S = 5
 
 
-def create_chat_app(engine: ChatEngine, limits: ApiLimits, *, page_password: str | None = None):
+def create_chat_app(engine: ChatEngine, limits: ApiLimits, *, page_password: str | None = None, vision=None):
+    """`vision`: a vision_tool.VisionChat (--classifier): photos in the API and on the page."""
     import gradio as gr
 
-    app = create_api(engine, limits)
-    page = build_chat_page(engine, max_new_tokens=limits.max_tokens)
+    app = create_api(engine, limits, vision=vision)
+    page = build_chat_page(engine, max_new_tokens=limits.max_tokens, vision=vision)
     page.queue(max_size=limits.max_waiting, default_concurrency_limit=None)
     auth = ("catdog", page_password) if page_password else None
     return gr.mount_gradio_app(app, page, path="/", auth=auth, show_error=True, ssr_mode=False)
@@ -30,6 +31,7 @@ def serve_chat(
     port: int = DEFAULT_PORT,
     page_password: str | None = None,
     on_ready=None,
+    vision=None,
 ) -> None:
     """Serve until SIGTERM/SIGINT. On either signal every queued and running request ends at once (503, or an
     error event closing its stream), so the server exits and frees the port without waiting for long replies."""
@@ -40,7 +42,7 @@ def serve_chat(
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if not port_is_free(host, port):
         raise ConfigError(f"port {port} on {host} is already in use; pass another --port")
-    app = create_chat_app(engine, limits, page_password=page_password)
+    app = create_chat_app(engine, limits, page_password=page_password, vision=vision)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
