@@ -74,11 +74,18 @@ def test_streamlit_page(monkeypatch):
 
     monkeypatch.delenv("CATDOG_ST_API_URL", raising=False)
     monkeypatch.setattr(engine_module, "load_engine", lambda *a, **k: glm_engine())
+    import streamlit as st
+
     at = AppTest.from_file(str(APP_FILE), default_timeout=60)
-    at.run()
-    at.chat_input(key="prompt").set_value("hi").run()
-    assert not at.exception
-    assert at.session_state["history"][-1] == {"role": "assistant", "content": SHOWN}
+    try:
+        at.run()
+        at.chat_input(key="prompt").set_value("hi").run()
+        assert not at.exception
+        assert at.session_state["history"][-1] == {"role": "assistant", "content": SHOWN}
+    finally:
+        # the page keeps its engine in st.cache_resource for the whole process: the next page test must not get
+        # this fake one
+        st.cache_resource.clear()
 
 
 def test_http_book_and_openai_routes(engine):
