@@ -54,6 +54,7 @@ bench: install
 	$(PY) benchmarks/bench_predict.py
 	$(PY) benchmarks/bench_chat.py
 	$(PY) benchmarks/bench_serve_chat.py
+	$(PY) benchmarks/soak_serve_chat.py
 	$(PY) benchmarks/profile_step.py
 	$(PY) benchmarks/bench_constrained.py
 
