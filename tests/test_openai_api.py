@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from catdog_glm.chat.engine import ChatEngine
-from catdog_glm.serve.chat_api import ApiLimits, create_api
+from catdog_glm.serve.openai.api_router import ApiLimits, create_api
 from tests.conftest import open_page, requires_chromium, screenshot_dir
 from tests.fake_chat import default_script, fake_chat_model
 
