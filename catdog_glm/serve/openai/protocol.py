@@ -10,8 +10,8 @@ Limits that depend on the running server (the max_tokens cap, the message count)
 `to_sampling(cap)` (vLLM's `to_sampling_params`) turns a request into the engine's keyword arguments.
 
 The response models are what the routes send (`model_dump_json`), so each shape is written once, here: a field that
-OpenAI leaves out when it has no value (a delta's role, a message's tool_calls, a chunk's usage) is declared with
-`Omitted`, every other one is sent, null included.
+OpenAI leaves out when it has no value (a delta's role, a message's tool_calls, a chunk's usage) is listed in its
+model's `omitted`; every other one is sent, null included.
 """
 
 from __future__ import annotations
@@ -358,7 +358,7 @@ class BookChatRequest(_Request):
 
 
 # ---- responses: what the routes send ---------------------------------------------------------------------------------
-class _Response(BaseModel):
+class ResponseModel(BaseModel):
     """A response model: the fields named in `omitted` are left out of the JSON while None (OpenAI omits them)."""
 
     omitted: ClassVar[frozenset[str]] = frozenset()
@@ -376,18 +376,18 @@ class _Response(BaseModel):
         return f"data: {self.model_dump_json()}\n\n"
 
 
-class ErrorInfo(_Response):
+class ErrorInfo(ResponseModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(_Response):
+class ErrorResponse(ResponseModel):
     error: ErrorInfo
 
 
-class TopLogprob(_Response):
+class TopLogprob(ResponseModel):
     token: str
     logprob: float
     bytes: list[int] | None = None
@@ -397,12 +397,12 @@ class TokenLogprobOut(TopLogprob):
     top_logprobs: list[TopLogprob] = []
 
 
-class ChoiceLogprobs(_Response):
+class ChoiceLogprobs(ResponseModel):
     content: list[TokenLogprobOut] | None = None
     refusal: list[TokenLogprobOut] | None = None
 
 
-class Usage(_Response):
+class Usage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -416,7 +416,7 @@ class Usage(_Response):
         )
 
 
-class AssistantMessage(_Response):
+class AssistantMessage(ResponseModel):
     omitted = frozenset({"tool_calls"})
     role: Literal["assistant"] = "assistant"
     content: str | None = None
@@ -424,14 +424,14 @@ class AssistantMessage(_Response):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(_Response):
+class ChatChoice(ResponseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionResponse(_Response):
+class ChatCompletionResponse(ResponseModel):
     omitted = frozenset({"catdog"})
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -444,13 +444,13 @@ class ChatCompletionResponse(_Response):
     )
 
 
-class ToolCallDeltaFunction(_Response):
+class ToolCallDeltaFunction(ResponseModel):
     omitted = frozenset({"name", "arguments"})
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDeltaOut(_Response):
+class ToolCallDeltaOut(ResponseModel):
     omitted = frozenset({"id", "type"})
     index: int
     id: str | None = None
@@ -458,21 +458,21 @@ class ToolCallDeltaOut(_Response):
     function: ToolCallDeltaFunction
 
 
-class ChunkDelta(_Response):
+class ChunkDelta(ResponseModel):
     omitted = frozenset({"role", "content", "tool_calls"})
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDeltaOut] | None = None
 
 
-class ChunkChoice(_Response):
+class ChunkChoice(ResponseModel):
     index: int
     delta: ChunkDelta
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(_Response):
+class ChatCompletionChunk(ResponseModel):
     """One `data:` event of a stream (then `data: [DONE]`); an error mid-stream is `data: {"error": {...}}`."""
 
     omitted = frozenset({"usage", "catdog"})
@@ -485,21 +485,21 @@ class ChatCompletionChunk(_Response):
     catdog: dict[str, Any] | None = Field(None, description="extension: tool_step, a classify_image step run")
 
 
-class CompletionLogprobs(_Response):
+class CompletionLogprobs(ResponseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
-class CompletionChoice(_Response):
+class CompletionChoice(ResponseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None = None
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(_Response):
+class CompletionResponse(ResponseModel):
     """A text_completion; streamed, each chunk is one too (usage only in the last, with include_usage)."""
 
     omitted = frozenset({"usage"})
@@ -511,19 +511,19 @@ class CompletionResponse(_Response):
     usage: Usage | None = None
 
 
-class ModelCard(_Response):
+class ModelCard(ResponseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "catdog"
 
 
-class ModelList(_Response):
+class ModelList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class BookChatResponse(_Response):
+class BookChatResponse(ResponseModel):
     response: str
     history: list[dict[str, Any]]
     status: int = 200
@@ -531,7 +531,7 @@ class BookChatResponse(_Response):
     truncated_messages: int = 0
 
 
-class BookError(_Response):
+class BookError(ResponseModel):
     error: str
 
 

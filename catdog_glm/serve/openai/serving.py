@@ -31,7 +31,7 @@ from catdog_glm.serve.openai.errors import (
     shutting_down,
     timed_out,
 )
-from catdog_glm.serve.openai.protocol import ParamError, Usage, _Response
+from catdog_glm.serve.openai.protocol import ParamError, ResponseModel, Usage
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class ChatService:
         events: AsyncIterator[str],
         *,
         close: Callable[[], Awaitable[None] | None],
-        usage: Callable[[], _Response] | None = None,
+        usage: Callable[[], ResponseModel] | None = None,
     ) -> StreamingResponse:
         """The one tail of every stream: `events`, then the usage chunk (`usage()`, with include_usage); a failure
         ends it with an error event instead of a cut connection; `close()` (free slots, cancel generations) runs
@@ -232,7 +232,7 @@ def truncation_header(reply) -> dict:
     return {"X-Catdog-Truncated-Messages": str(reply.truncated_messages)} if reply.truncated_messages else {}
 
 
-def json_response(model: _Response, headers: dict | None = None) -> Response:
+def json_response(model: ResponseModel, headers: dict | None = None) -> Response:
     """A response model as the body, written by pydantic."""
     return Response(model.model_dump_json(), media_type="application/json", headers=headers)
 
