@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catdog_glm.chat.engine import EngineClosedError
@@ -165,7 +165,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientGone)
     async def client_gone(_request: Request, _exc: ClientGone):
-        return JSONResponse({"error": "client closed the request"}, status_code=499)
+        gone = BookError(error="client closed the request")
+        return Response(gone.model_dump_json(), status_code=499, media_type="application/json")
 
 
 class BodyGuard:
