@@ -489,15 +489,11 @@ class VisionChat:
                 yield chunk(head, 0, ChunkDelta(tool_calls=[ToolCallDeltaOut(index=i, **call)]))
             yield chunk(head, 0, ChunkDelta(), outcome.finish_reason)
 
-        async def close() -> None:
-            await steps.aclose()
-            service.release()
-
         def usage_chunk() -> ChatCompletionChunk:
             return ChatCompletionChunk(**head.fields(), choices=[], usage=usage())
 
         wants_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await service.stream(events(), close=close, usage=usage_chunk if wants_usage else None)
+        return await service.stream(events(), close=steps.aclose, slots=1, usage=usage_chunk if wants_usage else None)
 
 
 def attach_classifier(engine, tool: ClassifierTool) -> VisionChat:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,12 +169,14 @@ class ChatService:
         self,
         events: AsyncIterator[str],
         *,
-        close: Callable[[], Awaitable[None] | None],
+        gens: Sequence[Generation] = (),
+        slots: int = 0,
+        close: Callable[[], Awaitable[None]] | None = None,
         usage: Callable[[], ResponseModel] | None = None,
     ) -> StreamingResponse:
         """The one tail of every stream: `events`, then the usage chunk (`usage()`, with include_usage); a failure
-        ends it with an error event instead of a cut connection; `close()` (free slots, cancel generations) runs
-        however it ends, a client gone included; `data: [DONE]` last."""
+        ends it with an error event instead of a cut connection; however it ends, a client gone included, `close()`
+        runs, `gens` are cancelled and `slots` given back; `data: [DONE]` last."""
 
         async def guarded() -> AsyncIterator[str]:
             try:
@@ -190,9 +192,11 @@ class ChatService:
                 yield error_event(e)
             finally:
                 await events.aclose()
-                done = close()
-                if done is not None:
-                    await done
+                if close is not None:
+                    await close()
+                for g in gens:
+                    g.cancel()  # a client that went away stops its generations
+                self.release(slots)
             yield DONE
 
         return StreamingResponse(await _primed(guarded()), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -128,16 +128,11 @@ async def render(service: ChatService, plan: ChatPlan, gens: list[Generation], r
                 yield chunk(head, i, delta, logprobs=_logprobs(body, pending[i]))
                 pending[i] = []
 
-    def close() -> None:
-        for g in gens:
-            g.cancel()  # a client that went away stops its generations
-        service.release(n)
-
     def usage() -> ChatCompletionChunk:
         return ChatCompletionChunk(**head.fields(), choices=[], usage=usage_of([g.reply for g in gens], n))
 
     wants_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await service.stream(events(), close=close, usage=usage if wants_usage else None)
+    return await service.stream(events(), gens=gens, slots=n, usage=usage if wants_usage else None)
 
 
 def chunk(

@@ -102,16 +102,11 @@ async def render(service: ChatService, plan: CompletionPlan, gens: list[Generati
             if piece.text or lp:
                 yield chunk(i, piece.text, logprobs=lp)
 
-    def close() -> None:
-        for g in gens:
-            g.cancel()
-        service.release(count)
-
     def usage() -> CompletionResponse:
         return CompletionResponse(**head.fields(), choices=[], usage=usage_of([g.reply for g in gens], body.n))
 
     wants_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await service.stream(events(), close=close, usage=usage if wants_usage else None)
+    return await service.stream(events(), gens=gens, slots=count, usage=usage if wants_usage else None)
 
 
 def _logprobs(body: CompletionRequest, tokens, offset: int) -> CompletionLogprobs | None:
