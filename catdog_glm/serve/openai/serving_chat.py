@@ -2,8 +2,7 @@
 generations -> a `chat.completion`, or its stream of `chat.completion.chunk`s (a role chunk, content and tool-call
 deltas, a chunk with `finish_reason`, the usage chunk when asked, `data: [DONE]`), all built as protocol models.
 
-Also the serve side's one contact with the model's tool format (`can_call_tools`, `tool_constraint_for`,
-`tool_parser_for`); `vision_tool.py` (photos through the classifier tool) builds on the same helpers.
+`vision_tool.py` (photos through the classifier tool) builds on the same helpers (messages, tools, chunks).
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ from typing import Any
 from fastapi import Request
 
 from catdog_glm.chat.constrained import Constraint
-from catdog_glm.chat.engine import ChatEngine, Generation
-from catdog_glm.chat.tools import ToolCallDelta, ToolCallParser, tool_constraint, validate_tools
+from catdog_glm.chat.engine import Generation
+from catdog_glm.chat.tools import ToolCallDelta, validate_tools
 from catdog_glm.errors import CatdogError
 from catdog_glm.serve.openai.errors import ApiError
 from catdog_glm.serve.openai.protocol import (
@@ -62,7 +61,7 @@ def parse(service: ChatService, body: ChatCompletionRequest) -> ChatPlan:
     service.check_model(body.model)
     messages, prefill = engine_messages(body, service.limits.max_messages)
     sampling = service.sampling(body)
-    tools, constraint = tools_and_constraint(body, service.engine)
+    tools, constraint = tools_and_constraint(body, service.engine.model.format)
     options: dict[str, Any] = {"parallel_tool_calls": body.parallel_tool_calls}
     if tools:
         options["tools"] = tools
@@ -245,30 +244,14 @@ def _check_tool_answer(i: int, call_id: str | None, answerable: set[str] | None)
         )
 
 
-# ---- the model's tool format: serve's only contact with it (chat/ owns the formats) --------------------------------
-def can_call_tools(engine: ChatEngine) -> bool:
-    """Whether the engine's model has a tool-calling format (tools in its prompt, calls parsed from its replies)."""
-    return engine.model.tool_format is not None
-
-
-def tool_constraint_for(engine: ChatEngine, tools: list[dict], choice: Any, *, parallel: bool = True):
-    """The grammar that holds a reply to `choice` ("auto", "required", a named function) in the model's format."""
-    return tool_constraint(tools, choice, engine.model.tool_format, parallel=parallel)
-
-
-def tool_parser_for(engine: ChatEngine, tools: list[dict], *, parallel: bool = True) -> ToolCallParser:
-    """A streaming parser of the model's replies: content and tool-call deltas."""
-    return ToolCallParser(engine.model.tool_format, tools, parallel=parallel)
-
-
 # ---- tools and response formats -----------------------------------------------------------------------------------
-def tools_and_constraint(req: ChatCompletionRequest, engine: ChatEngine) -> tuple[list | None, Any]:
+def tools_and_constraint(req: ChatCompletionRequest, chat_format) -> tuple[list | None, Any]:
     """(tools for the prompt or None, Constraint or None) from tools / tool_choice / response_format."""
     tools = None
     constraint = None
     choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
     if req.tools and choice != "none":
-        if not can_call_tools(engine):
+        if not chat_format.calls_tools:
             raise ApiError(
                 400, "this model has no tool-calling format; send the request without 'tools'", param="tools"
             )
@@ -281,7 +264,7 @@ def tools_and_constraint(req: ChatCompletionRequest, engine: ChatEngine) -> tupl
                 400, f"tool_choice names {choice['function']['name']!r}, not among the tools", param="tool_choice"
             )
         try:
-            constraint = tool_constraint_for(engine, tools, choice or "auto", parallel=req.parallel_tool_calls)
+            constraint = chat_format.tool_constraint(tools, choice or "auto", parallel=req.parallel_tool_calls)
         except CatdogError as e:
             raise ApiError(400, str(e), param="tool_choice") from None
     fmt = req.response_format
