@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from catdog_glm.chat.engine import ChatEngine
 from catdog_glm.chat.loading import load_chat_model
-from catdog_glm.serve.chat_api import ApiLimits, create_api
+from catdog_glm.serve.openai.api_router import ApiLimits, create_api
 from tests.chatglm_tiny import make_tiny_chatglm3
 
 

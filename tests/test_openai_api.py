@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from catdog_glm.chat.engine import ChatEngine
-from catdog_glm.serve.chat_api import ApiLimits, create_api
+from catdog_glm.serve.openai.api_router import ApiLimits, create_api
 from tests.conftest import open_page, requires_chromium, screenshot_dir
 from tests.fake_chat import default_script, fake_chat_model
 
@@ -144,6 +144,49 @@ def test_deep_or_huge_json_is_400_not_500(client):
     assert_openai_error(client.post("/v1/chat/completions", content=huge), 400)
     bias = {"messages": HI, "logit_bias": {"9" * 5000: 1}}
     assert_openai_error(client.post("/v1/chat/completions", json=bias), 400, "logit_bias")
+
+
+def test_to_sampling_gives_the_engine_only_what_the_request_set():
+    from catdog_glm.serve.openai.protocol import BookChatRequest, ChatCompletionRequest, CompletionRequest, ParamError
+
+    chat_body = {"messages": HI, "max_completion_tokens": 5, "temperature": 0, "stop": "x", "seed": -1}
+    req = ChatCompletionRequest.model_validate(chat_body | {"logprobs": True, "logit_bias": {"7": 1}})
+    assert req.to_sampling(CAP) == {
+        "max_new_tokens": 5,
+        "temperature": 0,
+        "stop": ["x"],
+        "logit_bias": {7: 1},
+        "seed": 2**64 - 1,
+        "logprobs": True,
+        "top_logprobs": 0,
+    }
+    with pytest.raises(ParamError) as e:
+        req.to_sampling(4)
+    assert e.value.param == "max_completion_tokens"
+    assert ChatCompletionRequest.model_validate({"messages": HI}).to_sampling(CAP) == {"max_new_tokens": CAP}
+    assert BookChatRequest(query="q", max_length=9).to_sampling(CAP) == {"max_new_tokens": CAP, "max_length": 9}
+    assert CompletionRequest(prompt="p", logprobs=2).to_sampling(CAP)["top_logprobs"] == 2
+    with pytest.raises(ParamError) as e:
+        BookChatRequest(query="q", max_new_tokens=CAP + 1).to_sampling(CAP)
+    assert e.value.param == "max_new_tokens"
+
+
+def test_response_models_leave_out_what_openai_omits():
+    from catdog_glm.serve.openai.protocol import AssistantMessage, ChatCompletionChunk, ChunkChoice, ChunkDelta
+
+    assert json.loads(AssistantMessage(content="hi").model_dump_json()) == {
+        "role": "assistant",
+        "content": "hi",
+        "refusal": None,
+    }
+    chunk = ChatCompletionChunk(id="c", created=0, model="m", choices=[ChunkChoice(index=0, delta=ChunkDelta())])
+    assert json.loads(chunk.model_dump_json()) == {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": None, "logprobs": None}],
+    }
 
 
 def test_unknown_and_ignored_fields_are_accepted(client):
@@ -331,6 +374,8 @@ def test_n_choices_with_seeds(client):
     r = chat(client, "reply: same", n=3, seed=7, temperature=0).json()
     assert [c["index"] for c in r["choices"]] == [0, 1, 2]
     assert r["usage"]["completion_tokens"] == sum(len(c["message"]["content"].encode()) for c in r["choices"])
+    one = chat(client, "reply: same", seed=7, temperature=0).json()
+    assert r["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the n choices share one prompt
     text = "reply: a reply long enough for sampling to wander off the script"
     r = chat(client, text, n=3, seed=7, temperature=2.0).json()
     contents = [c["message"]["content"] for c in r["choices"]]

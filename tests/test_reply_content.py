@@ -99,7 +99,7 @@ def test_streamlit_page(monkeypatch):
 def test_http_book_and_openai_routes(engine):
     from fastapi.testclient import TestClient
 
-    from catdog_glm.serve.chat_api import create_api
+    from catdog_glm.serve.openai.api_router import create_api
 
     client = TestClient(create_api(engine))
     book = client.post("/chat", json={"query": "hi", "history": []}).json()

@@ -358,7 +358,7 @@ def fp32_server():
 
     from catdog_glm.chat.engine import ChatEngine
     from catdog_glm.chat.loading import load_chat_model
-    from catdog_glm.serve.chat_api import ApiLimits, create_api
+    from catdog_glm.serve.openai.api_router import ApiLimits, create_api
     from tests.conftest import free_port
 
     engine = ChatEngine(load_chat_model(None, dtype="fp32"), max_batch_size=16)

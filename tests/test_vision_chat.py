@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 
 from catdog_glm.chat.engine import ChatEngine
 from catdog_glm.errors import ConfigError
-from catdog_glm.serve.chat_api import ApiLimits, create_api
 from catdog_glm.serve.chat_server import create_chat_app
+from catdog_glm.serve.openai.api_router import ApiLimits, create_api
 from catdog_glm.serve.vision_tool import MAX_TOOL_ROUNDS, TOOL_NAME, ClassifierTool, VisionChat, attach_classifier
 from tests.conftest import make_bad_inputs, open_page, requires_chromium, save_image, screenshot_dir
 from tests.fake_chat import default_script, fake_chat_model

@@ -88,8 +88,8 @@ def serve_chat(
     """
     from catdog_glm.cli.chat import load_engine
     from catdog_glm.errors import ConfigError
-    from catdog_glm.serve.chat_api import ApiLimits
     from catdog_glm.serve.chat_server import serve_chat as run_server
+    from catdog_glm.serve.openai.serving import ApiLimits
 
     dtype = chat_precision(precision, dtype)
     if max_body is None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from catdog_glm.chat.engine import ChatEngine
 from catdog_glm.errors import ConfigError
-from catdog_glm.serve.chat_api import ApiLimits, create_api
 from catdog_glm.serve.chat_page import build_chat_page
 from catdog_glm.serve.net import port_is_free
+from catdog_glm.serve.openai.api_router import ApiLimits, create_api
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 GRACE_S = 5

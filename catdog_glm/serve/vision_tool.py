@@ -26,13 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
-
 from catdog_glm.chat.engine import EngineClosedError
 from catdog_glm.chat.tools import ContentDelta, call_arguments
 from catdog_glm.errors import CatdogError, ConfigError
-from catdog_glm.serve import chat_api as api
-from catdog_glm.serve.openai_protocol import ChatMessage
+from catdog_glm.serve.openai.errors import ApiError, shutting_down, timed_out
+from catdog_glm.serve.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChunkDelta,
+    ToolCallDeltaOut,
+    Usage,
+)
+from catdog_glm.serve.openai.serving import ResponseHead, json_response
+from catdog_glm.serve.openai.serving_chat import chunk, engine_messages, tools_and_constraint
 
 log = logging.getLogger(__name__)
 
@@ -393,28 +402,27 @@ class VisionChat:
             ("response_format", body.response_format is not None and body.response_format.type != "text"),
         ):
             if refused:
-                raise api.ApiError(400, f"'{name}' is not supported with photos (image parts) yet", param=name)
+                raise ApiError(400, f"'{name}' is not supported with photos (image parts) yet", param=name)
         try:
             dicts, images = split_images(
                 [m.model_dump(exclude_none=True, by_alias=True) for m in body.messages], self.tool.max_image_bytes
             )
         except ConfigError as e:
-            raise api.ApiError(400, str(e), param="messages") from None
+            raise ApiError(400, str(e), param="messages") from None
         text_body = body.model_copy(update={"messages": [ChatMessage.model_validate(d) for d in dicts]})
-        messages, prefill = api._engine_messages(text_body, limits.max_messages)
+        messages, prefill = engine_messages(text_body, limits.max_messages)
         if prefill:
-            raise api.ApiError(400, "continuing an assistant message is not supported with photos", param="messages")
-        tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        sampling = service.sampling(body, tokens_param=tokens_param)
+            raise ApiError(400, "continuing an assistant message is not supported with photos", param="messages")
+        sampling = service.sampling(body)
         plain = text_body.model_copy(update={"tool_choice": None, "response_format": None})
-        client_tools, _ = api._tools_and_constraint(plain, engine.model.format)
+        client_tools, _ = tools_and_constraint(plain, engine.model.format)
         if any(t["function"]["name"] == TOOL_NAME for t in client_tools or []):
-            raise api.ApiError(400, f"'{TOOL_NAME}' is this server's built-in tool; rename yours", param="tools")
+            raise ApiError(400, f"'{TOOL_NAME}' is this server's built-in tool; rename yours", param="tools")
         choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
         if isinstance(choice, dict):
             named = choice["function"]["name"]
             if named != TOOL_NAME and named not in {t["function"]["name"] for t in client_tools or []}:
-                raise api.ApiError(400, f"tool_choice names {named!r}, not among the tools", param="tool_choice")
+                raise ApiError(400, f"tool_choice names {named!r}, not among the tools", param="tool_choice")
         outcome = Outcome()
         service.admit()
         try:
@@ -434,60 +442,52 @@ class VisionChat:
         except BaseException:
             service.release()
             raise
-        env = api.Envelope("chatcmpl", service.model_id)
+        head = ResponseHead.new("chatcmpl", service.model_id)
 
-        def usage() -> dict:
-            return api._usage(outcome.prompt_tokens, outcome.completion_tokens)
+        def usage() -> Usage:
+            return Usage.of(outcome.prompt_tokens, outcome.completion_tokens)
 
         if not body.stream:
             try:
                 async for _ in steps:
                     pass
             except TimeoutError:
-                raise api._timed_out(limits.request_timeout_s) from None
+                raise timed_out(limits.request_timeout_s) from None
             except EngineClosedError:
-                raise api._shutting_down() from None
+                raise shutting_down() from None
             except CatdogError as e:
-                raise api.ApiError(400, str(e)) from None
+                raise ApiError(400, str(e)) from None
             finally:
                 service.release()
-            message: dict[str, Any] = {"role": "assistant", "content": outcome.content, "refusal": None}
-            if outcome.client_calls:
-                message["tool_calls"] = outcome.client_calls
-            choice0 = {"index": 0, "message": message, "finish_reason": outcome.finish_reason, "logprobs": None}
-            extension = {
-                "tool_steps": [s.to_dict() for s in outcome.steps],
-                "truncated_messages": outcome.truncated_messages,
-            }
-            return JSONResponse(env.chat([choice0], usage()) | {"catdog": extension})
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            message = AssistantMessage(content=outcome.content, tool_calls=outcome.client_calls or None)
+            response = ChatCompletionResponse(
+                **head.fields(),
+                choices=[ChatChoice(index=0, message=message, finish_reason=outcome.finish_reason)],
+                usage=usage(),
+                catdog={
+                    "tool_steps": [s.to_dict() for s in outcome.steps],
+                    "truncated_messages": outcome.truncated_messages,
+                },
+            )
+            return json_response(response)
 
         async def events():
-            try:
-                yield env.chat_chunk(0, {"role": "assistant", "content": ""})
-                async for item in steps:
-                    if isinstance(item, ToolStep):
-                        step = {"catdog": {"tool_step": item.to_dict()}}
-                        yield api.sse({**env.head("chat.completion.chunk"), "choices": [], **step})
-                    else:
-                        yield env.chat_chunk(0, {"content": item})
-                for i, call in enumerate(outcome.client_calls):
-                    yield env.chat_chunk(0, {"tool_calls": [{"index": i, **call}]})
-                yield env.chat_chunk(0, {}, outcome.finish_reason)
-                if include_usage:
-                    yield env.usage_chunk("chat.completion.chunk", usage())
-            except TimeoutError:
-                yield api.sse_error(api._timed_out(limits.request_timeout_s))
-            except Exception as e:  # an error event closes the stream instead of a cut connection
-                if not isinstance(e, (EngineClosedError, CatdogError, api.ApiError)):
-                    log.exception("streamed generation with photos failed")
-                yield api.sse_error(e)
-            finally:
-                await steps.aclose()
-                service.release()
-            yield api.DONE
+            yield chunk(head, 0, ChunkDelta(role="assistant", content=""))
+            async for item in steps:
+                if isinstance(item, ToolStep):
+                    step = {"tool_step": item.to_dict()}
+                    yield ChatCompletionChunk(**head.fields(), choices=[], catdog=step).sse()
+                else:
+                    yield chunk(head, 0, ChunkDelta(content=item))
+            for i, call in enumerate(outcome.client_calls):
+                yield chunk(head, 0, ChunkDelta(tool_calls=[ToolCallDeltaOut(index=i, **call)]))
+            yield chunk(head, 0, ChunkDelta(), outcome.finish_reason)
 
-        return StreamingResponse(await api._primed(events()), media_type="text/event-stream", headers=api.SSE_HEADERS)
+        def usage_chunk() -> ChatCompletionChunk:
+            return ChatCompletionChunk(**head.fields(), choices=[], usage=usage())
+
+        wants_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await service.stream(events(), close=steps.aclose, slots=1, usage=usage_chunk if wants_usage else None)
 
 
 def attach_classifier(engine, tool: ClassifierTool) -> VisionChat:

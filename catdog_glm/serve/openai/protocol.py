@@ -6,18 +6,23 @@ response and stream chunk, and the error envelope. Routes take the request model
 rejected, seeds fit 64 bits, every string must be encodable as UTF-8 (a lone surrogate such as "\\ud800" is refused),
 and ranges are OpenAI's. Unknown fields are ignored (clients send extras); documented OpenAI parameters that this
 server cannot honour and whose silent ignoring would mislead are refused with 400 by name (`UNSUPPORTED`).
-Limits that depend on the running server (the max_tokens cap, the message count) are checked by the routes.
+Limits that depend on the running server (the max_tokens cap, the message count) are checked by the routes;
+`to_sampling(cap)` (vLLM's `to_sampling_params`) turns a request into the engine's keyword arguments.
+
+The response models are what the routes send (`model_dump_json`), so each shape is written once, here: a field that
+OpenAI leaves out when it has no value (a delta's role, a message's tool_calls, a chunk's usage) is listed in its
+model's `omitted`; every other one is sent, null included.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from catdog_glm.chat.messages import content_text
-from catdog_glm.chat.sampling import MAX_TOP_LOGPROBS, SEED_RANGE
+from catdog_glm.chat.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_TOP_LOGPROBS, SEED_RANGE, wrap_seed
 
 SEED_MIN, SEED_MAX = SEED_RANGE
 MAX_N = 8
@@ -70,11 +75,41 @@ class _Strict(BaseModel):
 
 
 class _Request(_Strict):
+    tokens_param: ClassVar[str] = "max_tokens"  # the name a too-large token limit is refused under
+
     @model_validator(mode="before")
     @classmethod
     def _utf8(cls, data: Any) -> Any:
         _strings_are_utf8(data)
         return data
+
+    @property
+    def token_limit(self) -> int | None:
+        return getattr(self, self.tokens_param)
+
+    def to_sampling(self, max_tokens: int) -> dict[str, Any]:
+        """The engine's keyword arguments for this request (vLLM's `to_sampling_params`): only what the client set,
+        so the engine keeps the model's defaults for the rest. `max_tokens` is the server's cap (ParamError above)."""
+        limit = self.token_limit
+        if limit is not None and limit > max_tokens:
+            raise ParamError(f"'{self.tokens_param}' must be <= {max_tokens}, got {limit}", self.tokens_param)
+        out: dict[str, Any] = {"max_new_tokens": limit or min(DEFAULT_MAX_NEW_TOKENS, max_tokens)}
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            if getattr(self, name, None) is not None:
+                out[name] = getattr(self, name)
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name, 0):
+                out[name] = getattr(self, name)
+        if getattr(self, "stop", None):
+            out["stop"] = list(self.stop)
+        if getattr(self, "logit_bias", None):
+            out["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+        if getattr(self, "seed", None) is not None:
+            out["seed"] = wrap_seed(self.seed)
+        return out | self._more_sampling()
+
+    def _more_sampling(self) -> dict[str, Any]:
+        return {}
 
 
 Temperature = Annotated[float, Field(ge=0, le=2, description="0 = greedy; OpenAI's range 0..2")]
@@ -263,8 +298,11 @@ class ChatCompletionRequest(_SamplingFields):
         return self
 
     @property
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def tokens_param(self) -> str:  # type: ignore[override]
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def _more_sampling(self) -> dict[str, Any]:
+        return {"logprobs": True, "top_logprobs": self.top_logprobs or 0} if self.logprobs else {}
 
 
 # ---- legacy completions ---------------------------------------------------------------------------------------------
@@ -290,9 +328,8 @@ class CompletionRequest(_SamplingFields):
             raise ParamError("best_of other than n is not supported", "best_of")
         return self
 
-    @property
-    def token_limit(self) -> int | None:
-        return self.max_tokens
+    def _more_sampling(self) -> dict[str, Any]:
+        return {"logprobs": True, "top_logprobs": self.logprobs} if self.logprobs is not None else {}
 
 
 # ---- the book's /chat ------------------------------------------------------------------------------------------------
@@ -314,24 +351,43 @@ class BookChatRequest(_Request):
             raise ValueError("'query' must be a non-empty string")
         return value
 
-    @property
-    def token_limit(self) -> int | None:
-        return self.max_new_tokens
+    tokens_param: ClassVar[str] = "max_new_tokens"
+
+    def _more_sampling(self) -> dict[str, Any]:
+        return {"max_length": self.max_length} if self.max_length else {}
 
 
-# ---- responses (for /docs: the routes build the same shapes in chat_api.envelopes) -----------------------------------
-class ErrorInfo(BaseModel):
+# ---- responses: what the routes send ---------------------------------------------------------------------------------
+class ResponseModel(BaseModel):
+    """A response model: the fields named in `omitted` are left out of the JSON while None (OpenAI omits them)."""
+
+    omitted: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        data = handler(self)
+        for name in self.omitted:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+    def sse(self) -> str:
+        """This model as one server-sent event."""
+        return f"data: {self.model_dump_json()}\n\n"
+
+
+class ErrorInfo(ResponseModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(ResponseModel):
     error: ErrorInfo
 
 
-class TopLogprob(BaseModel):
+class TopLogprob(ResponseModel):
     token: str
     logprob: float
     bytes: list[int] | None = None
@@ -341,91 +397,112 @@ class TokenLogprobOut(TopLogprob):
     top_logprobs: list[TopLogprob] = []
 
 
-class ChoiceLogprobs(BaseModel):
+class ChoiceLogprobs(ResponseModel):
     content: list[TokenLogprobOut] | None = None
     refusal: list[TokenLogprobOut] | None = None
 
 
-class Usage(BaseModel):
+class Usage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
-class AssistantMessage(BaseModel):
+
+class AssistantMessage(ResponseModel):
+    omitted = frozenset({"tool_calls"})
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(ResponseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(ResponseModel):
+    omitted = frozenset({"catdog"})
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    catdog: dict[str, Any] | None = Field(
+        None, description="extension: truncated_messages (older turns left out to fit), tool_steps (--classifier)"
+    )
 
 
-class ToolCallDeltaFunction(BaseModel):
+class ToolCallDeltaFunction(ResponseModel):
+    omitted = frozenset({"name", "arguments"})
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDeltaOut(BaseModel):
+class ToolCallDeltaOut(ResponseModel):
+    omitted = frozenset({"id", "type"})
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: ToolCallDeltaFunction
 
 
-class ChunkDelta(BaseModel):
+class ChunkDelta(ResponseModel):
+    omitted = frozenset({"role", "content", "tool_calls"})
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDeltaOut] | None = None
 
 
-class ChunkChoice(BaseModel):
+class ChunkChoice(ResponseModel):
     index: int
     delta: ChunkDelta
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(ResponseModel):
     """One `data:` event of a stream (then `data: [DONE]`); an error mid-stream is `data: {"error": {...}}`."""
 
+    omitted = frozenset({"usage", "catdog"})
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | None = Field(None, description="only in the last chunk, with stream_options.include_usage")
+    catdog: dict[str, Any] | None = Field(None, description="extension: tool_step, a classify_image step run")
 
 
-class CompletionLogprobs(BaseModel):
+class CompletionLogprobs(ResponseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(ResponseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None = None
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(ResponseModel):
+    """A text_completion; streamed, each chunk is one too (usage only in the last, with include_usage)."""
+
+    omitted = frozenset({"usage"})
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -434,19 +511,19 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-class ModelCard(BaseModel):
+class ModelCard(ResponseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "catdog"
 
 
-class ModelList(BaseModel):
+class ModelList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class BookChatResponse(BaseModel):
+class BookChatResponse(ResponseModel):
     response: str
     history: list[dict[str, Any]]
     status: int = 200
@@ -454,7 +531,7 @@ class BookChatResponse(BaseModel):
     truncated_messages: int = 0
 
 
-class BookError(BaseModel):
+class BookError(ResponseModel):
     error: str
 
 
