@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 NO_TOOL_FORMAT = "this model has no tool-calling format (its chat template neither renders tools nor is ChatML)"
 
+
 # ---- checking what a client sends -------------------------------------------------------------------------------
 def _check_schema(schema, where: str) -> None:
     """A JSON schema llguidance can compile (what a forced call's arguments are held to)."""
@@ -261,5 +262,3 @@ def chosen_tools(tools: list[dict], tool_choice) -> tuple[list[dict], bool] | No
 
 def function_parameters(fn: dict) -> dict:
     return fn.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
-
-

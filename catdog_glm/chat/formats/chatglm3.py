@@ -147,6 +147,7 @@ def parse_chatglm3_call(body: str) -> dict:
             arguments[keyword.arg] = _literal(keyword.value)
     return arguments
 
+
 # ---- reading replies ---------------------------------------------------------------------------------------------
 class ChatGLM3Parser(ToolCallParser):
     """A ChatGLM3 reply: its metadata line read (and stripped), a call's code block parsed without running it."""

@@ -39,6 +39,7 @@ HERMES_TOOLS_FOOTER = (
 )
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
+
 def hermes_call_text(name: str, arguments: dict) -> str:
     return f'{CALL_OPEN}\n{{"name": "{name}", "arguments": {json.dumps(arguments, ensure_ascii=False)}}}\n{CALL_CLOSE}'
 
@@ -102,6 +103,7 @@ def native_messages(messages: list[dict]) -> list[dict]:
             ]
         out.append(item)
     return out
+
 
 # ---- reading replies ---------------------------------------------------------------------------------------------
 _HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')

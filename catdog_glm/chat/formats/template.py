@@ -40,4 +40,3 @@ class TemplateFormat(ChatFormat):
         except (TemplateError, ValueError) as e:
             raise ConfigError(f"the model's chat template refused these messages: {str(e).splitlines()[0]}") from e
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-
