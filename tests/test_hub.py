@@ -300,26 +300,42 @@ def test_a_copied_cache_entry_loads_offline(hub, tmp_path):
     assert catdog(*args, env=hub_env(tmp_path, HF_HUB_OFFLINE="1"), stdin="hi\n").stdout.strip()
 
 
-def test_user_offline_setting_is_kept_and_ours_does_not_leak_into_later_ids(hub, tmp_path, local_copy):
-    """load_chat_model sets HF_HUB_OFFLINE=1 for its local loads; huggingface_hub reads that variable once, at
-    import. In one fresh process, loading a local folder first must not stop a later id from downloading."""
-    script = (
-        "import os, sys\n"
-        "from catdog_glm.chat.loading import load_chat_model\n"
-        "load_chat_model(sys.argv[1], dtype='fp32')\n"
-        "assert os.environ['HF_HUB_OFFLINE'] == '1'\n"
-        f"m = load_chat_model('{REPO_ID}', dtype='fp32')\n"
-        "print('loaded', m.source)\n"
-    )
+LOCAL_THEN_ID_SCRIPT = """
+import os, sys
+import huggingface_hub.constants
+from catdog_glm.chat.hub import pull_model
+from catdog_glm.chat.loading import load_chat_model
+
+for folder in sys.argv[1:]:
+    print("loaded", load_chat_model(folder, dtype="fp32").kind)
+assert "HF_HUB_OFFLINE" not in os.environ, os.environ["HF_HUB_OFFLINE"]
+assert not huggingface_hub.constants.HF_HUB_OFFLINE
+print("pulled", pull_model("THUDM/chatglm3-6b").path)
+print("then", load_chat_model("THUDM/chatglm3-6b", dtype="fp32").source)
+"""
+
+
+def test_local_loads_never_reach_a_hub_nor_turn_a_later_pull_offline(hub, tmp_path, local_copy):
+    """Loading is offline call by call (local_files_only), never by setting HF_HUB_OFFLINE for the process: in one
+    fresh process, a ChatGLM3 folder and a Hugging Face folder load without a single request to the hub that
+    HF_ENDPOINT names, the variable stays unset, and a later id is still pulled and loaded."""
+    from catdog_glm.chat.export import export_chatglm3
+
+    hf_folder = tmp_path / "chatglm3-tiny-hf"
+    export_chatglm3(local_copy, hf_folder, dtype="fp32")
     done = subprocess.run(
-        [sys.executable, "-c", script, str(local_copy)],
+        [sys.executable, "-c", LOCAL_THEN_ID_SCRIPT, str(local_copy), str(hf_folder)],
         env=hub_env(tmp_path, hub),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "models--THUDM--chatglm3-6b/snapshots/" in done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["loaded chatglm3", "loaded hf"], done.stdout
+    assert "models--THUDM--chatglm3-6b/snapshots/" in lines[2] and lines[3].endswith(lines[2].split()[1])
+    assert hub.requests("GET", "/resolve/")  # the id was downloaded ...
+    assert all(REPO_ID in path for _, path, _ in hub.log), hub.log  # ... and nothing else was asked for
 
 
 def test_export_chat_accepts_an_id(hub, tmp_path):
