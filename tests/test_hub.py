@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from catdog_glm import errors
 from catdog_glm.chat.hub import (
     HUGGINGFACE,
     MODELSCOPE,
@@ -160,6 +161,77 @@ def test_local_path_always_wins_and_bad_specs_say_what_they_accept(tmp_path, mon
     assert resolve_model(None) is None
     with pytest.raises(ModelError, match="does not exist, and it is not a model id either.*modelscope:owner/name"):
         resolve_model("no-such-folder")
+
+
+def test_a_registered_hub_takes_ids_with_its_prefix(tmp_path, monkeypatch):
+    """A hub plugs in as the built-in ones do: a Hub subclass, registered; its cached copy needs no network."""
+    from catdog_glm.chat.hub import HUBS, Hub
+
+    class LocalHub(Hub):
+        source, prefix, name = "local", "local", "a local mirror"
+
+        def cached(self, ref, *, trust_remote_code=False):
+            return tmp_path / ref.repo_id
+
+    (tmp_path / "owner" / "model").mkdir(parents=True)
+    monkeypatch.setitem(HUBS, "local", LocalHub())  # register_hub, undone after the test
+    ref = parse_model_ref("local:owner/model@v2")
+    assert ref == ModelRef("local", "owner/model", "v2") and str(ref) == "local:owner/model@v2"
+    assert resolve_model("local:owner/model") == str(tmp_path / "owner" / "model")
+    assert parse_model_ref("owner/model").source == HUGGINGFACE  # a bare id is still the first hub's
+
+
+SAME_KIND = {
+    errors.ModelAccessError: errors.DatasetAccessError,
+    errors.ModelNotFoundError: errors.DatasetNotFoundError,
+    errors.ModelOfflineError: errors.DatasetOfflineError,
+    errors.HubError: errors.DatasetHubError,
+    errors.DiskFullError: errors.DataError,
+}
+
+
+class _Named(Exception):
+    """An exception whose class name (and base names) are a client library's, with an optional HTTP response."""
+
+    def __init__(self, message="boom", status=None):
+        super().__init__(message)
+        self.response = type("Response", (), {"status_code": status})() if status else None
+
+
+def _named(*names, status=None, message="boom"):
+    bases = tuple(type(n, (_Named,), {}) for n in names[1:]) or (_Named,)
+    return type(names[0], bases, {})(message, status)
+
+
+@pytest.mark.parametrize(
+    "error, model_words, dataset_words",
+    [
+        (_named("GatedRepoError"), ["gated model", "HF_TOKEN"], ["gated dataset", "HF_TOKEN"]),
+        (_named("HfHubHTTPError", status=401), ["401", "HF_TOKEN"], ["401", "HF_TOKEN"]),
+        (_named("HfHubHTTPError", status=403), ["403", "request access"], ["403", "request access"]),
+        (_named("RepositoryNotFoundError"), ["(404)", "check the id (owner/name)"], ["(404)", "check the id"]),
+        (_named("LocalEntryNotFoundError", "EntryNotFoundError"), ["cannot be reached"], ["cannot be reached"]),
+        (_named("ChunkedEncodingError"), ["interrupted", "catdog pull o/m"], ["interrupted", "catdog data pull o/m"]),
+        (_named("ReadTimeout", "Timeout"), ["interrupted"], ["interrupted"]),
+        (_named("HTTPError", "URLError", status=503), ["answered 503"], ["answered 503"]),
+        (_named("ConnectError"), ["cannot connect to", "catdog pull o/m"], ["cannot connect to", "data pull o/m"]),
+        (OSError(28, "No space left on device"), ["not enough disk space", "HF_HOME"], ["disk filled up"]),
+        (ValueError("odd"), ["downloading o/m failed: ValueError: odd"], ["downloading o/m failed: ValueError"]),
+    ],
+)
+def test_models_and_datasets_share_one_hub_error_map(error, model_words, dataset_words, tmp_path):
+    """catdog_glm.hub_errors maps a client's exception once; chat and vision only word the message."""
+    from catdog_glm.chat.hub.base import hub_errors
+    from catdog_glm.vision.datahub import SOURCES, parse_data_ref
+    from catdog_glm.vision.datahub.base import hub_error
+
+    with pytest.raises(ModelError) as model_error, hub_errors(parse_model_ref("o/m")):
+        raise error
+    dataset_error = hub_error(parse_data_ref("o/m"), SOURCES["hf"], error, tmp_path)
+    for words, found in ((model_words, model_error.value), (dataset_words, dataset_error)):
+        assert "\n" not in str(found)
+        assert all(w in str(found) for w in words), str(found)
+    assert SAME_KIND[type(model_error.value)] is type(dataset_error)
 
 
 # --- Hugging Face Hub through the CLI ------------------------------------------------------------------------

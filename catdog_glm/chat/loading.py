@@ -272,6 +272,7 @@ _ADAPTERS: dict[str, Callable[[LoadedModel], ChatModel]] = {
 def _wrap(loaded: LoadedModel) -> ChatModel:
     """The engine's view of what a source loaded."""
     chat = _ADAPTERS[loaded.chat_format](loaded)
+    chat.kind = loaded.kind  # a plug-in source's own kind, even in ChatGLM3's format
     chat.quantization = loaded.quantization
     chat.info.update(loaded.info)
     chat.sampling_defaults = loaded.sampling_defaults
