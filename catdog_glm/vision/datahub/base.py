@@ -1,5 +1,6 @@
 """What every dataset source shares: the id (`DataRef`), what a source hands the builder (`Fetched`), the `Source`
-interface, and the one-line errors for what hubs answer (404, 401/403, offline, a cut, a full disk)."""
+interface, and the one-line errors for what hubs answer (404, 401/403, offline, a cut, a full disk): read from the
+exception by catdog_glm.hub_errors, which chat/hub shares, and worded here for a dataset."""
 
 from __future__ import annotations
 
