@@ -67,7 +67,6 @@ def main() -> None:
     from catdog_glm.chat.constrained import Constraint
     from catdog_glm.chat.engine import ChatEngine
     from catdog_glm.chat.loading import load_chat_model
-    from catdog_glm.chat.tools import tool_constraint
 
     started = time.perf_counter()
     chat = load_chat_model(args.model, quantize=args.quantize)
@@ -80,7 +79,7 @@ def main() -> None:
         "json_schema": (person, {"constraint": Constraint("json_schema", SCHEMA)}),
         "tool_call": (
             weather,
-            {"tools": [WEATHER], "constraint": tool_constraint([WEATHER], "required", chat.tool_format)},
+            {"tools": [WEATHER], "constraint": chat.format.tool_constraint([WEATHER], "required")},
         ),
     }
     for messages, options in modes.values():  # warm-up: compiles and caches each grammar

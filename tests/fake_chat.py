@@ -3,7 +3,7 @@ token goes through the real scheduler, sampler, constraint mask and streaming, i
 
 - Vocabulary: ids 0..255 are the bytes, then `<|endoftext|>` (eos), `<|im_start|>`, `<|im_end|>`.
 - Prompts are ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`, then `<|im_start|>assistant\\n`); tools are written
-  into the system turn and tool calls / results as Qwen2.5 writes them (`tool_format = "hermes"`).
+  into the system turn and tool calls / results as Qwen2.5 writes them (a `HermesFormat` that renders with it).
 - The model's forward puts the highest logit (10) on the next byte of the scripted reply, the second highest (5) on
   another byte ("x", or "y" where the reply has an "x"), 0 elsewhere, and eos on top once the script is done.
 - The script is a function of the prompt's text: by default, when the last user turn (or a plain-text prompt)
@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
+from catdog_glm.chat.formats import HermesFormat
 from catdog_glm.chat.loading import ChatModel
 
 EOS, IM_START, IM_END = 256, 257, 258
@@ -107,6 +108,19 @@ class FakeTokenizer:
         return [*ids, IM_START, *self.encode_text("assistant\n")]
 
 
+class FakeFormat(HermesFormat):
+    """Hermes tool calls, with the fake tokenizer's own ChatML rendering (it has no Jinja template)."""
+
+    def __init__(self, tokenizer: FakeTokenizer):
+        super().__init__(tokenizer, native=False)
+
+    def encode(self, messages: list[dict], tools: list | None = None, continue_final: bool = False) -> list[int]:
+        return self.tokenizer.encode_chat(messages, tools, continue_final)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
 class FakeLM(torch.nn.Module):
     """Scripted logits. No attention interface, so the scheduler runs it one request per forward with a cache
     object of its own, which keys the request's state here: the script and the tokens made since the prompt."""
@@ -151,8 +165,7 @@ def fake_chat_model(script: Callable[[str], str] | None = None, *, context_windo
         source="tests/fake_chat.py",
         kind="fake",
         model=model,
-        encode_chat=tokenizer.encode_chat,
-        decode=tokenizer.decode,
+        format=FakeFormat(tokenizer),
         stop_ids={EOS, IM_END},
         context_window=context_window,
         device=torch.device("cpu"),
@@ -160,5 +173,4 @@ def fake_chat_model(script: Callable[[str], str] | None = None, *, context_windo
         parameters=1,
         tokenizer=tokenizer,
         encode_text=tokenizer.encode_text,
-        tool_format="hermes",
     )

@@ -94,9 +94,7 @@ def test_chatglm3_replies_come_without_their_metadata_line(engine):
     """Every ChatGLM3 reply starts with a metadata line (empty for plain text: "\\n Hello"); THUDM's
     process_response strips it, and so does the engine's Generation, once for every front end
     (tests/test_reply_content.py checks each)."""
-    from catdog_glm.chat.engine import reply_parser
-
-    parser = reply_parser(engine.model)
+    parser = engine.model.format.parser()
     parser.feed("\n Hello there.\n")
     parser.finish()
     assert parser.content == "Hello there."

@@ -578,7 +578,9 @@ def test_schemas_nested_too_deep_through_refs_are_400_not_a_crash(client):
 
 
 def test_a_model_without_a_tool_format_refuses_tools(engine, monkeypatch):
-    monkeypatch.setattr(engine.model, "tool_format", None)
+    from catdog_glm.chat.formats import TemplateFormat
+
+    monkeypatch.setattr(engine.model, "format", TemplateFormat(engine.model.tokenizer))
     client = TestClient(create_api(engine, ApiLimits()))
     error = assert_openai_error(chat(client, tools=[WEATHER]), 400, "tools")
     assert "tool" in error["message"]

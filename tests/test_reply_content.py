@@ -11,16 +11,24 @@ from types import SimpleNamespace
 import pytest
 
 from catdog_glm.chat.engine import ChatEngine
-from tests.fake_chat import fake_chat_model
+from catdog_glm.chat.formats.chatglm3 import ChatGLM3Parser
+from tests.fake_chat import FakeFormat, fake_chat_model
 
 RAW = "\n Hello there."  # the empty metadata line, then the content after SentencePiece's space
 SHOWN = "Hello there."
 QUESTION = [{"role": "user", "content": "hi"}]
 
 
+class GLMReadingFormat(FakeFormat):
+    """The fake's prompts, with replies read by ChatGLM3's parser (the metadata line, then the content)."""
+
+    def parser(self, tools=None, *, parallel=True, continued=False):
+        return ChatGLM3Parser(tools or [], parallel=parallel, continued=continued)
+
+
 def glm_engine() -> ChatEngine:
     model = fake_chat_model(lambda prompt: RAW)
-    model.tool_format = "chatglm3"  # replies are read as ChatGLM3 writes them
+    model.format = GLMReadingFormat(model.tokenizer)  # replies are read as ChatGLM3 writes them
     return ChatEngine(model, max_batch_size=4, max_batch_tokens=1 << 14)
 
 

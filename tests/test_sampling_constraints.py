@@ -227,7 +227,7 @@ def test_json_whitespace_is_bounded_in_the_grammar(fake):
     of a forced ChatGLM3 call, which had llguidance's unbounded default."""
     from catdog_glm.chat import constrained
     from catdog_glm.chat.constrained import Constraint
-    from catdog_glm.chat.tools import tool_constraint
+    from catdog_glm.chat.formats import ChatGLM3Format
 
     tool = {
         "type": "function",
@@ -243,7 +243,7 @@ def test_json_whitespace_is_bounded_in_the_grammar(fake):
     cases = [
         (Constraint("json_object"), "{"),
         (Constraint("json_schema", {"type": "object", "properties": {"a": {"type": "integer"}}}), "{"),
-        (tool_constraint([tool], "required", "chatglm3"), "f\n```python\ntool_call(xs=["),
+        (ChatGLM3Format(None).tool_constraint([tool], "required"), "f\n```python\ntool_call(xs=["),
     ]
     for constraint, prefix in cases:
         state = constrained.compile(fake.model, constraint).start()

@@ -13,19 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from catdog_glm.chat.chatglm3 import ChatGLM3Tokenizer
-from catdog_glm.chat.loading import _chatglm3_adapter, _hf_adapter, hf_tool_style, load_chat_model
-from catdog_glm.chat.streaming import IncrementalDetokenizer
-from catdog_glm.chat.tools import (
+from catdog_glm.chat.formats import ChatGLM3Format, HermesFormat, TemplateFormat
+from catdog_glm.chat.formats.chatglm3 import (
     CHATGLM3_TOOL_SYSTEM,
-    ContentDelta,
-    ToolCallDelta,
-    ToolCallParser,
+    ChatGLM3Parser,
     chatglm3_call_code,
-    hermes_call_text,
     parse_chatglm3_call,
-    tool_constraint,
-    validate_tools,
 )
+from catdog_glm.chat.formats.hermes import HermesParser, hermes_call_text
+from catdog_glm.chat.loading import _chatglm3_adapter, _hf_adapter, load_chat_model
+from catdog_glm.chat.streaming import IncrementalDetokenizer
+from catdog_glm.chat.tools import ContentDelta, ToolCallDelta, ToolCallParser, validate_tools
 from catdog_glm.errors import ConfigError
 from tests.chatglm_tiny import make_tiny_chatglm3
 
@@ -49,6 +47,12 @@ WEATHER = {
 NOW = {"type": "function", "function": {"name": "now"}}
 TOOLS = [WEATHER, NOW]
 CALL_ID = re.compile(r"^call_[0-9a-f]{24}$")
+PARSERS = {"hermes": HermesParser, "chatglm3": ChatGLM3Parser}
+FORMATS = {"hermes": HermesFormat(None, native=False), "chatglm3": ChatGLM3Format(None), None: TemplateFormat(None)}
+
+
+def tool_constraint(tools, choice, fmt, parallel=True):
+    return FORMATS[fmt].tool_constraint(tools, choice, parallel=parallel)
 
 
 def run(parser: ToolCallParser, text: str, step: int = 1) -> list:
@@ -102,14 +106,14 @@ def test_bad_tools_are_refused_in_one_line(tools, message):
 @pytest.mark.parametrize("step", [1, 3, 1000])
 def test_plain_text_streams_through(step):
     text = "Paris is the capital of France. <tool is not a call> </tool_call> done.\n"
-    parser = ToolCallParser("hermes", TOOLS)
+    parser = HermesParser(TOOLS)
     deltas = run(parser, text, step)
     assert all(isinstance(d, ContentDelta) for d in deltas)
     assert joined(deltas)[0] == parser.content == text and parser.tool_calls == []
 
 
 def test_only_a_possible_call_start_is_held_back():
-    parser = ToolCallParser("hermes", TOOLS)
+    parser = HermesParser(TOOLS)
     assert parser.feed("Hello <tool") == [ContentDelta("Hello")]  # " <tool" may still become "<tool_call>"
     assert parser.feed("box>") == [ContentDelta(" <toolbox>")]
 
@@ -118,7 +122,7 @@ def test_only_a_possible_call_start_is_held_back():
 def test_hermes_call_streams_id_name_then_arguments(step):
     call = '{"name": "get_current_weather", "arguments": {"location": "Paris", "days": 2}}'
     text = f"Let me check.\n<tool_call>\n{call}\n</tool_call>"
-    parser = ToolCallParser("hermes", TOOLS)
+    parser = HermesParser(TOOLS)
     deltas = run(parser, text, step)
     calls = [d for d in deltas if isinstance(d, ToolCallDelta)]
     assert calls[0].name == "get_current_weather" and CALL_ID.match(calls[0].id) and calls[0].arguments == ""
@@ -139,11 +143,11 @@ def test_hermes_call_streams_id_name_then_arguments(step):
 
 def test_parallel_calls_and_parallel_off():
     text = hermes_call_text("now", {}) + "\n" + hermes_call_text("get_current_weather", {"location": "Oslo"})
-    both = ToolCallParser("hermes", TOOLS)
+    both = HermesParser(TOOLS)
     run(both, text, 5)
     assert [c["function"]["name"] for c in both.tool_calls] == ["now", "get_current_weather"]
     assert both.content is None and len({c["id"] for c in both.tool_calls}) == 2
-    one = ToolCallParser("hermes", TOOLS, parallel=False)
+    one = HermesParser(TOOLS, parallel=False)
     run(one, text, 5)
     assert [c["function"]["name"] for c in one.tool_calls] == ["now"] and one.content is None
 
@@ -157,22 +161,22 @@ def test_parallel_calls_and_parallel_off():
     ],
 )
 def test_unknown_or_broken_hermes_calls_stay_content(call):
-    parser = ToolCallParser("hermes", TOOLS)
+    parser = HermesParser(TOOLS)
     deltas = run(parser, "Hi " + call, 4)
     assert parser.tool_calls == [] and parser.content == "Hi " + call
     assert all(isinstance(d, ContentDelta) for d in deltas)
 
 
 def test_a_call_cut_off_by_the_length_limit_keeps_what_came():
-    parser = ToolCallParser("hermes", TOOLS)
+    parser = HermesParser(TOOLS)
     run(parser, '<tool_call>\n{"name": "now", "arguments": {"a": [1, 2', 3)
     assert parser.tool_calls[0]["function"] == {"name": "now", "arguments": '{"a": [1, 2'}
 
 
-def test_no_tool_format_is_plain_passthrough():
-    parser = ToolCallParser(None, TOOLS)
-    text = '  <tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n'
-    assert joined(run(parser, text, 3))[0] == parser.content == text and parser.tool_calls == []
+def test_a_template_without_a_tool_format_reads_replies_as_plain_text():
+    assert TemplateFormat(None).parser(TOOLS) is None  # the engine passes the text through as it comes
+    assert HermesFormat(None, native=False).parser([]) is None  # no tools offered: nothing to read out
+    assert ChatGLM3Format(None).parser([]) is not None  # ChatGLM3's metadata line is read even then
 
 
 FRAGMENTS = [
@@ -190,9 +194,9 @@ FRAGMENTS = [
 )
 def test_parsing_does_not_depend_on_how_the_text_is_split(tool_format, fragments, steps):
     text = "".join(fragments)
-    whole = ToolCallParser(tool_format, TOOLS)
+    whole = PARSERS[tool_format](TOOLS)
     whole_deltas = whole.feed(text) + whole.finish()
-    split, deltas, at = ToolCallParser(tool_format, TOOLS), [], 0
+    split, deltas, at = PARSERS[tool_format](TOOLS), [], 0
     for n in steps * (len(text) // max(1, sum(steps)) + 1):
         deltas += split.feed(text[at : at + n])
         at += n
@@ -209,7 +213,7 @@ def test_parsing_does_not_depend_on_how_the_text_is_split(tool_format, fragments
 @pytest.mark.parametrize("step", [1, 4, 1000])
 def test_chatglm3_plain_reply_loses_its_empty_metadata_line(step):
     # what the model writes after <|assistant|>: an empty metadata line, then the content (with SentencePiece's space)
-    parser = ToolCallParser("chatglm3", TOOLS)
+    parser = ChatGLM3Parser(TOOLS)
     deltas = run(parser, "\n Hello, I'm ChatGLM3.\n\nHow can I help?\n", step)
     assert joined(deltas)[0] == parser.content == "Hello, I'm ChatGLM3.\n\nHow can I help?"
     assert parser.tool_calls == []
@@ -218,7 +222,7 @@ def test_chatglm3_plain_reply_loses_its_empty_metadata_line(step):
 @pytest.mark.parametrize("step", [1, 5, 1000])
 def test_chatglm3_call_as_thudm_writes_it(step):
     text = 'get_current_weather\n ```python\ntool_call(location="beijing", unit="celsius")\n```'
-    parser = ToolCallParser("chatglm3", TOOLS)
+    parser = ChatGLM3Parser(TOOLS)
     deltas = run(parser, text, step)
     assert parser.content is None and [d for d in deltas if isinstance(d, ContentDelta)] == []
     first = next(d for d in deltas if isinstance(d, ToolCallDelta))
@@ -229,7 +233,7 @@ def test_chatglm3_call_as_thudm_writes_it(step):
 
 def test_chatglm3_content_then_a_call_in_a_new_turn():
     text = '\n Okay, let me look that up.<|assistant|>get_current_weather\n```python\ntool_call(location="Paris")\n```'
-    parser = ToolCallParser("chatglm3", TOOLS)
+    parser = ChatGLM3Parser(TOOLS)
     run(parser, text, 3)
     assert parser.content == "Okay, let me look that up."
     assert json.loads(parser.tool_calls[0]["function"]["arguments"]) == {"location": "Paris"}
@@ -245,13 +249,13 @@ def test_chatglm3_content_then_a_call_in_a_new_turn():
     ],
 )
 def test_chatglm3_unknown_or_unsafe_calls_stay_content(text):
-    parser = ToolCallParser("chatglm3", TOOLS)
+    parser = ChatGLM3Parser(TOOLS)
     run(parser, text, 2)
     assert parser.tool_calls == [] and parser.content == text
 
 
 def test_chatglm3_continued_reply_has_no_metadata_line():
-    parser = ToolCallParser("chatglm3", TOOLS, continued=True)
+    parser = ChatGLM3Parser(TOOLS, continued=True)
     run(parser, " Paris.\nIt is large.", 2)
     assert parser.content == " Paris.\nIt is large."
 
@@ -342,7 +346,7 @@ def test_chatglm3_reply_text_shows_a_new_turn_and_parses(glm):
     reply += tok.encode("```python\ntool_call()\n```")
     text = chat.decode(reply)
     assert "<|assistant|>now\n" in text and "<|user|>" not in text
-    detok, parser, deltas = IncrementalDetokenizer(chat.decode), ToolCallParser("chatglm3", TOOLS), []
+    detok, parser, deltas = IncrementalDetokenizer(chat.decode), ChatGLM3Parser(TOOLS), []
     for token in reply:  # streamed exactly as the engine streams it
         deltas += parser.feed(detok.push(token))
     deltas += parser.finish()
@@ -362,7 +366,7 @@ def test_embedded_model_samples_as_its_card_recommends(smol):
 
 
 def test_embedded_model_gets_qwen_style_tools(smol):
-    assert smol.tool_format == "hermes"
+    assert isinstance(smol.format, HermesFormat) and not smol.format.native
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
         {
@@ -409,7 +413,7 @@ def _with_template(smol, template: str):
 
 def test_template_without_tools_or_chatml_has_no_tool_format(smol):
     chat = _with_template(smol, "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
-    assert chat.tool_format is None
+    assert type(chat.format) is TemplateFormat and not chat.format.calls_tools
     assert chat.encode_chat([{"role": "user", "content": "hi"}])
     with pytest.raises(ConfigError, match="no tool-calling format"):
         chat.encode_chat([{"role": "user", "content": "hi"}], tools=[NOW])
@@ -423,7 +427,7 @@ def test_template_that_renders_tools_gets_them_natively(smol):
         " | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
     )
     chat = _with_template(smol, template)
-    assert hf_tool_style(chat.tokenizer) == "native" and chat.tool_format == "hermes"
+    assert isinstance(chat.format, HermesFormat) and chat.format.native
     call = {"id": "c", "type": "function", "function": {"name": "now", "arguments": '{"tz": "UTC"}'}}
     messages = [{"role": "user", "content": "time?"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
     text = chat.tokenizer.decode(chat.encode_chat(messages, tools=[NOW]))
@@ -496,7 +500,7 @@ def test_chatglm3_grammar_takes_the_prompt_format_and_only_allowed_calls(smol, l
     assert not ok("get_current_weather\n" + chatglm3_call_code({"location": "Paris", "unit": "kelvin"}))
     assert not ok("\n Sure, the weather is fine.")
     # and what the grammar lets through is what the parser reads back
-    parser = ToolCallParser("chatglm3", TOOLS)
+    parser = ChatGLM3Parser(TOOLS)
     run(parser, golden, 3)
     assert json.loads(parser.tool_calls[0]["function"]["arguments"]) == args
 
@@ -509,7 +513,7 @@ def test_call_arguments_are_json_text_utf8_can_carry():
         ("chatglm3", 'f\n```python\ntool_call(city="\\ud800", town="Zürich")\n```'),
         ("hermes", '<tool_call>\n{"name": "f", "arguments": {"city": "\\ud800", "town": "Zürich"}}\n</tool_call>'),
     ):
-        parser = ToolCallParser(fmt, [tool])
+        parser = PARSERS[fmt]([tool])
         run(parser, text, 4)
         arguments = parser.tool_calls[0]["function"]["arguments"]
         arguments.encode("utf-8")
@@ -563,7 +567,7 @@ def test_tiny_chatglm3_forced_calls_come_back_as_tool_calls(tmp_path):
             ("required", {"now", "today"}),
             ({"type": "function", "function": {"name": "now"}}, {"now"}),
         ):
-            constraint = tool_constraint(tools[:2] if choice == "required" else tools, choice, chat.tool_format)
+            constraint = chat.format.tool_constraint(tools[:2] if choice == "required" else tools, choice)
             reply = engine.chat(
                 messages, tools=tools, constraint=constraint, temperature=0.7, seed=1, max_new_tokens=40
             )
@@ -586,11 +590,11 @@ def test_tiny_chatglm3_forced_calls_come_back_as_tool_calls(tmp_path):
 )
 def test_a_call_cut_by_the_token_limit_is_neither_a_call_nor_text(tool_format, text):
     complete = 1 if text.count("</tool_call>") else 0
-    parser = ToolCallParser(tool_format, TOOLS)
+    parser = PARSERS[tool_format](TOOLS)
     parser.feed(text)
     parser.finish(cut=True)
     assert parser.cut_call and len(parser.tool_calls) == complete and parser.content is None
-    whole = ToolCallParser(tool_format, TOOLS)  # the same text ended by the model itself: as before
+    whole = PARSERS[tool_format](TOOLS)  # the same text ended by the model itself: as before
     whole.feed(text)
     whole.finish()
     assert not whole.cut_call

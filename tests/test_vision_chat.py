@@ -337,7 +337,7 @@ def test_chatglm3_protocol_the_forced_call_runs_and_its_observation_goes_back(ti
 
     folder = make_tiny_chatglm3(tmp_path / "glm", "safetensors", shards=1, seq_length=2048)
     chat = load_chat_model(str(folder), dtype="fp32")
-    assert chat.tool_format == "chatglm3"
+    assert chat.format.name == "chatglm3"
     engine = ChatEngine(chat, max_batch_size=2, max_batch_tokens=8192)
     try:
         glm = TestClient(create_api(engine, ApiLimits(), vision=attach_classifier(engine, tool)))

@@ -75,17 +75,11 @@ class ChatGLM3Tokenizer:
                 out.append(piece.replace("\u2581", " ").encode("utf-8"))
         return out + [name.encode("utf-8") for name in SPECIAL_TOKENS]
 
-    def build_prompt(
-        self, messages: list[dict], tools: list[dict] | None = None, continue_final: bool = False
-    ) -> list[int]:
+    def build_prompt(self, messages: list[dict], continue_final: bool = False) -> list[int]:
         """`[gMASK] sop`, then `<|role|>` + encode(f"{metadata}\\n") + encode(content) per message, `<|assistant|>`
-        (as THUDM's build_chat_input). `tools` (OpenAI tools) and tool turns (assistant `tool_calls`, `tool`
-        results) are written in ChatGLM3's protocol (chat/tools.py); a system message's `tools` follow its content as
-        json.dumps(indent=4). `continue_final`: the last message, the assistant's, is continued: no `<|assistant|>`."""
-        from catdog_glm.chat.tools import chatglm3_messages, has_tool_turns
-
-        if tools or has_tool_turns(messages):
-            messages = chatglm3_messages(messages, tools)
+        (as THUDM's build_chat_input), for messages in ChatGLM3's roles (chat/formats/chatglm3.py writes OpenAI tools
+        and tool turns into them); a system message's `tools` follow its content as json.dumps(indent=4).
+        `continue_final`: the last message, the assistant's, is continued: no `<|assistant|>`."""
         if continue_final and (not messages or messages[-1]["role"] != "assistant"):
             raise ConfigError("only a conversation that ends with an assistant message can be continued")
         ids = [self.special["[gMASK]"], self.special["sop"]]

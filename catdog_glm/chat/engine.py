@@ -49,17 +49,6 @@ __all__ = [
 ]
 
 
-def reply_parser(model: ChatModel, tools: list | None = None, *, parallel: bool = True, continued: bool = False):
-    """The reader of a reply in the model's format (content and tool calls out of its text), or None where the text
-    is the content as it comes. ChatGLM3 always has one: every reply starts with a metadata line (empty for plain
-    text) that THUDM's own `process_response` strips too. The one place that decides; `Generation` applies it."""
-    if not tools and model.tool_format != "chatglm3":
-        return None
-    from catdog_glm.chat.tools import ToolCallParser
-
-    return ToolCallParser(model.tool_format, tools or [], parallel=parallel, continued=continued)
-
-
 class Generation:
     """A reply being generated: iterate it (or `async for` it, when created inside an event loop) for text pieces;
     `cancel()` frees its place in the batch within one step; when the pieces end, `reply` is set (or `error`).
@@ -98,7 +87,7 @@ class Generation:
         return self._parsed
 
     def deltas(self, text: str) -> list:
-        """Content and tool-call deltas (chat/tools.py) that this raw text completes."""
+        """Content and tool-call deltas (chat/tools.py) that this raw text completes, read in the model's format."""
         if self.parser is None:
             return [ContentDelta(text)] if text else []
         self._fed = True
@@ -222,7 +211,7 @@ class ChatEngine:
         budget = m.context_window - min(s.max_new_tokens, m.context_window // 2)
         options = {"tools": tools, "continue_final": continue_final} if tools or continue_final else {}
         prompt, dropped = self.fit(normalize_messages(messages), budget, **options)
-        parser = reply_parser(m, tools, parallel=parallel_tool_calls, continued=continue_final)
+        parser = m.format.parser(tools, parallel=parallel_tool_calls, continued=continue_final)
         return self._submit(prompt, s, constraint, dropped, loop, parser)
 
     def stream_text(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catdog_glm.chat.formats import ChatFormat, format_for
 from catdog_glm.chat.sources import LoadedModel, LoadOptions, find_source, quantization_label
 from catdog_glm.errors import ConfigError, ModelError
 
@@ -26,10 +27,9 @@ class ChatModel:
 
     name: str
     source: str
-    kind: str  # chatglm3 | hf | gguf | embedded
+    kind: str  # which loader read it, for display: chatglm3 | hf | gguf | embedded
     model: Any
-    encode_chat: Callable[[list[dict]], list[int]]
-    decode: Callable[[list[int]], str]
+    format: ChatFormat  # how prompts are written and replies read (chat/formats/); never a family's name
     stop_ids: set[int]
     context_window: int
     device: Any = None
@@ -42,9 +42,15 @@ class ChatModel:
     # the model's tokenizer object (HF tokenizer, ChatGLM3Tokenizer, ...): constrained decoding reads its vocabulary
     tokenizer: Any = None
     encode_text: Callable[[str], list[int]] | None = None  # plain text -> ids, no chat template (/v1/completions)
-    tool_format: str | None = None  # how tools are written and parsed: "chatglm3" | "hermes" | None (no tools)
     # the model's own sampling defaults (chat/sampling.py says where they come from); a request's values win
     sampling_defaults: dict = field(default_factory=dict)
+
+    def encode_chat(self, messages: list[dict], **options) -> list[int]:
+        """Prompt ids in the model's format (`options`: tools, continue_final)."""
+        return self.format.encode(messages, **options)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.format.decode(ids)
 
 
 def resolve_dtype(name: str, device):
@@ -61,81 +67,12 @@ def resolve_dtype(name: str, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def _template_renders_tools(tokenizer) -> bool:
-    """Whether the chat template writes `tools` into the prompt (rendered with a probe tool, whose name must show)."""
-    probe = {"type": "function", "function": {"name": "catdog_probe_tool_3f9a", "parameters": {"type": "object"}}}
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}], tools=[probe], tokenize=False, add_generation_prompt=True
-        )
-    except Exception:  # noqa: BLE001 - any template failure means: no tools this way
-        return False
-    return isinstance(text, str) and "catdog_probe_tool_3f9a" in text
-
-
-def hf_tool_style(tokenizer) -> str | None:
-    """How tools reach this template: "native" (it renders `tools` and speaks <tool_call>, as Qwen2.5), "chatml"
-    (ChatML without tools, e.g. the embedded SmolLM2: written in Qwen2.5's words by chat/tools.py) or None."""
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
-    if "<tool_call>" in template and _template_renders_tools(tokenizer):
-        return "native"
-    if "<|im_start|>" in template:
-        return "chatml"
-    return None
-
-
-def _default_system(tokenizer) -> str:
-    """The system message a ChatML template writes when the conversation has none (SmolLM2: "You are a helpful AI
-    assistant named SmolLM, ..."), so a tools block added to the system turn keeps it, as Qwen2.5's template does."""
-    import re
-
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
-    except Exception:  # noqa: BLE001 - no default then
-        return ""
-    found = re.match(r"\s*<\|im_start\|>system\n(.*?)<\|im_end\|>", text if isinstance(text, str) else "", re.S)
-    return found.group(1) if found else ""
-
-
 def _hf_adapter(tokenizer, model, name: str, source: str, kind: str) -> ChatModel:
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             f"{source} has no chat template (tokenizer_config.json `chat_template`); catdog chats "
             "only with instruction-tuned models that define one"
         )
-    style = hf_tool_style(tokenizer)
-    default_system = _default_system(tokenizer) if style == "chatml" else ""
-
-    def encode_chat(messages: list[dict], tools: list | None = None, continue_final: bool = False) -> list[int]:
-        from jinja2 import TemplateError
-
-        from catdog_glm.chat import tools as tool_calls
-
-        options: dict = {"add_generation_prompt": not continue_final}
-        if tools or tool_calls.has_tool_turns(messages):
-            if style is None:
-                raise ConfigError(tool_calls.NO_TOOL_FORMAT)
-            if style == "native":
-                messages = tool_calls.native_messages(messages)
-                if tools:
-                    options["tools"] = tools
-            else:
-                messages = tool_calls.hermes_messages(messages, tools, default_system)
-        else:
-            messages = [{**m, "content": "" if m.get("content") is None else m["content"]} for m in messages]
-        if continue_final:
-            if not messages or messages[-1]["role"] != "assistant":
-                raise ConfigError("only a conversation that ends with an assistant message can be continued")
-            options["continue_final_message"] = True
-        try:
-            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **options)
-        except (TemplateError, ValueError) as e:
-            raise ConfigError(f"the model's chat template refused these messages: {str(e).splitlines()[0]}") from e
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
     eos = model.generation_config.eos_token_id
     stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -146,44 +83,25 @@ def _hf_adapter(tokenizer, model, name: str, source: str, kind: str) -> ChatMode
         source=source,
         kind=kind,
         model=model,
-        encode_chat=encode_chat,
-        decode=decode,
+        format=format_for(tokenizer),
         stop_ids=stop,
         context_window=int(window),
         tokenizer=tokenizer,
         encode_text=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
-        tool_format="hermes" if style else None,
     )
 
 
 def _chatglm3_adapter(model, tokenizer, source: str) -> ChatModel:
-    turn = tokenizer.special["<|assistant|>"]
-
-    def decode(ids: list[int]) -> str:
-        """Reply text; a new assistant turn inside a reply (before ChatGLM3's tool call) shows as `<|assistant|>`,
-        so the tool-call parser can see where the call's metadata line starts. Other special tokens never show."""
-        if turn not in ids:
-            return tokenizer.decode(ids)
-        parts, start = [], 0
-        for i, token in enumerate(ids):
-            if token == turn:
-                parts.append(tokenizer.decode(ids[start:i]))
-                start = i + 1
-        parts.append(tokenizer.decode(ids[start:]))
-        return "<|assistant|>".join(parts)
-
     return ChatModel(
         name=Path(source).name,
         source=source,
         kind="chatglm3",
         model=model,
-        encode_chat=tokenizer.build_prompt,
-        decode=decode,
+        format=format_for(tokenizer),
         stop_ids=set(tokenizer.stop_ids),
         context_window=int(model.config.max_position_embeddings),
         tokenizer=tokenizer,
         encode_text=tokenizer.encode,
-        tool_format="chatglm3",
     )
 
 
@@ -262,7 +180,7 @@ def _load_chat_model(
     return chat
 
 
-# How prompts are written, by a source's `chat_format` (chat/formats will own this).
+# By a source's `adapter`: how stop ids and the context window are read (the format comes from the tokenizer).
 _ADAPTERS: dict[str, Callable[[LoadedModel], ChatModel]] = {
     "chatglm3": lambda m: _chatglm3_adapter(m.model, m.tokenizer, m.source),
     "hf": lambda m: _hf_adapter(m.tokenizer, m.model, m.name, m.source, m.kind),
@@ -271,7 +189,7 @@ _ADAPTERS: dict[str, Callable[[LoadedModel], ChatModel]] = {
 
 def _wrap(loaded: LoadedModel) -> ChatModel:
     """The engine's view of what a source loaded."""
-    chat = _ADAPTERS[loaded.chat_format](loaded)
+    chat = _ADAPTERS[loaded.adapter](loaded)
     chat.kind = loaded.kind  # a plug-in source's own kind, even in ChatGLM3's format
     chat.quantization = loaded.quantization
     chat.info.update(loaded.info)

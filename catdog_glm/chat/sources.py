@@ -50,7 +50,9 @@ class LoadedModel:
     kind: str  # chatglm3 | hf | gguf | embedded
     name: str
     source: str  # the file or folder it came from
-    chat_format: str  # how prompts are written: "chatglm3" (its own tokenizer) or "hf" (the model's chat template)
+    # which loading adapter reads its stop ids and context window: "chatglm3" (catdog's own tokenizer and config) or
+    # "hf" (a transformers tokenizer and model); the prompt format comes from the tokenizer (chat/formats)
+    adapter: str
     quantization: str = "none"  # set when the source quantized while loading
     info: dict = field(default_factory=dict)
     sampling_defaults: dict = field(default_factory=dict)

@@ -32,7 +32,7 @@ from catdog_glm.chat.constrained import Constraint
 from catdog_glm.chat.engine import ChatEngine, EngineClosedError, Generation
 from catdog_glm.chat.messages import normalize_messages
 from catdog_glm.chat.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP, wrap_seed
-from catdog_glm.chat.tools import ToolCallDelta, tool_constraint, validate_tools
+from catdog_glm.chat.tools import ToolCallDelta, validate_tools
 from catdog_glm.errors import CatdogError
 from catdog_glm.serve.openai_protocol import (
     BookChatRequest,
@@ -555,13 +555,13 @@ async def _merged(gens: list[Generation], timeout_s: float) -> AsyncIterator[tup
 
 
 # ---- tools and response formats -----------------------------------------------------------------------------------
-def _tools_and_constraint(req: ChatCompletionRequest, tool_format: str | None) -> tuple[list | None, Any]:
+def _tools_and_constraint(req: ChatCompletionRequest, chat_format) -> tuple[list | None, Any]:
     """(tools for the prompt or None, Constraint or None) from tools / tool_choice / response_format."""
     tools = None
     constraint = None
     choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
     if req.tools and choice != "none":
-        if tool_format is None:
+        if not chat_format.calls_tools:
             raise ApiError(
                 400, "this model has no tool-calling format; send the request without 'tools'", param="tools"
             )
@@ -574,7 +574,7 @@ def _tools_and_constraint(req: ChatCompletionRequest, tool_format: str | None) -
                 400, f"tool_choice names {choice['function']['name']!r}, not among the tools", param="tool_choice"
             )
         try:
-            constraint = tool_constraint(tools, choice or "auto", tool_format, parallel=req.parallel_tool_calls)
+            constraint = chat_format.tool_constraint(tools, choice or "auto", parallel=req.parallel_tool_calls)
         except CatdogError as e:
             raise ApiError(400, str(e), param="tool_choice") from None
     fmt = req.response_format
@@ -728,7 +728,7 @@ def create_api(
         tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         messages, prefill = _engine_messages(body, limits.max_messages)
         sampling = service.sampling(body, tokens_param=tokens_param)
-        tools, constraint = _tools_and_constraint(body, engine.model.tool_format)
+        tools, constraint = _tools_and_constraint(body, engine.model.format)
         if body.logprobs:
             sampling |= {"logprobs": True, "top_logprobs": body.top_logprobs or 0}
         extra: dict[str, Any] = {"parallel_tool_calls": body.parallel_tool_calls}

@@ -29,7 +29,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from catdog_glm.chat.engine import EngineClosedError
-from catdog_glm.chat.tools import ContentDelta, ToolCallParser, call_arguments, tool_constraint
+from catdog_glm.chat.tools import ContentDelta, call_arguments
 from catdog_glm.errors import CatdogError, ConfigError
 from catdog_glm.serve import chat_api as api
 from catdog_glm.serve.openai_protocol import ChatMessage
@@ -288,8 +288,8 @@ async def converse(
     for each classify_image call run; `outcome` (pass one in) holds the end state. `start` runs engine.stream off the
     event loop (the API passes its ChatService.start: 400/503 mapping, cancellation); past `timeout_s` in all, the
     generation is cancelled and TimeoutError raised."""
-    fmt = engine.model.tool_format
-    if fmt is None:
+    fmt = engine.model.format
+    if not fmt.calls_tools:
         raise ConfigError(f"{engine.model.name} has no tool-calling format, so it cannot call the classifier")
     start = start or _default_start
     out = outcome if outcome is not None else Outcome()
@@ -306,19 +306,19 @@ async def converse(
             fresh = new_photos(history, images) if builtin else []
             if choice in (None, "auto") and fresh:  # a call of the new photo (or one of them), by grammar
                 choice = {"type": "function", "function": {"name": TOOL_NAME}}
-                constraint = tool_constraint([tool.spec(fresh)], choice, fmt, parallel=parallel)
+                constraint = fmt.tool_constraint([tool.spec(fresh)], choice, parallel=parallel)
             else:
-                constraint = tool_constraint(offered, choice, fmt, parallel=parallel)
+                constraint = fmt.tool_constraint(offered, choice, parallel=parallel)
         options = dict(sampling or {})
         if constraint is not None and "max_new_tokens" in options:  # a forced call is never cut by a short answer's
             options["max_new_tokens"] = max(options["max_new_tokens"], MIN_CALL_TOKENS)  # token budget
         if offered:
             options["tools"] = offered
+            options["parallel_tool_calls"] = parallel
         if constraint is not None:
             options["constraint"] = constraint
         gen = await start(lambda loop, o=options, h=list(history): engine.stream(h, loop=loop, **o))
-        parser = ToolCallParser(fmt, offered, parallel=parallel)
-        pieces = gen.chunks()
+        pieces = gen.chunks()  # raw pieces, read through the generation's own parser (the model's format)
         try:
             while True:
                 try:
@@ -326,10 +326,10 @@ async def converse(
                     piece = await asyncio.wait_for(pieces.__anext__(), wait)
                 except StopAsyncIteration:
                     break
-                for delta in parser.feed(piece.text):
+                for delta in gen.deltas(piece.text):
                     if isinstance(delta, ContentDelta) and delta.text:
                         yield delta.text
-            for delta in parser.finish():
+            for delta in gen.final_deltas():
                 if isinstance(delta, ContentDelta) and delta.text:
                     yield delta.text
         finally:
@@ -339,16 +339,16 @@ async def converse(
         out.prompt_tokens += reply.prompt_tokens
         out.completion_tokens += reply.completion_tokens
         out.truncated_messages = max(out.truncated_messages, reply.truncated_messages)
-        out.content += parser.content or ""
-        ours = [c for c in parser.tool_calls if c["function"]["name"] == TOOL_NAME]
-        theirs = [c for c in parser.tool_calls if c["function"]["name"] != TOOL_NAME]
+        out.content += reply.text or ""
+        ours = [c for c in reply.tool_calls if c["function"]["name"] == TOOL_NAME]
+        theirs = [c for c in reply.tool_calls if c["function"]["name"] != TOOL_NAME]
         if theirs:  # the client's own tools: handed back to it, as without a classifier
             out.client_calls, out.finish_reason = theirs, "tool_calls"
             return
         if not ours:
             out.finish_reason = "length" if reply.finish_reason == "length" else "stop"
             return
-        history.append({"role": "assistant", "content": parser.content or "", "tool_calls": ours})
+        history.append({"role": "assistant", "content": reply.text or "", "tool_calls": ours})
         for call in ours:
             try:
                 arguments = call_arguments(call)
@@ -407,7 +407,7 @@ class VisionChat:
         tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         sampling = service.sampling(body, tokens_param=tokens_param)
         plain = text_body.model_copy(update={"tool_choice": None, "response_format": None})
-        client_tools, _ = api._tools_and_constraint(plain, engine.model.tool_format)
+        client_tools, _ = api._tools_and_constraint(plain, engine.model.format)
         if any(t["function"]["name"] == TOOL_NAME for t in client_tools or []):
             raise api.ApiError(400, f"'{TOOL_NAME}' is this server's built-in tool; rename yours", param="tools")
         choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
@@ -492,7 +492,7 @@ class VisionChat:
 
 def attach_classifier(engine, tool: ClassifierTool) -> VisionChat:
     """`serve-chat --classifier`: the classifier tool for `engine`'s model (which must have a tool format)."""
-    if engine.model.tool_format is None:
+    if not engine.model.format.calls_tools:
         raise ConfigError(
             f"--classifier needs a chat model that can call tools; {engine.model.name} has no tool-calling format "
             "(use a ChatGLM3, a ChatML model such as the embedded SmolLM2, or one whose template renders tools)"
