@@ -228,7 +228,7 @@ print(json.dumps({"decode_tok_s": (new_tokens - 1) / (time.perf_counter() - t)})
 
 def llama_cpp_tok_s(python: str, max_tokens: int) -> float:
     """llama.cpp's greedy decode tok/s on the embedded GGUF (the file catdog converts), in another Python."""
-    from catdog_glm.chat.loading import embedded_model_file
+    from catdog_glm.chat.sources import embedded_model_file
 
     threads = os.environ.get("BENCH_THREADS") or str(os.cpu_count())
     out = subprocess.run(

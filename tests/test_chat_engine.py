@@ -29,7 +29,7 @@ def test_embedded_model_answers_paris(engine):
 
 
 def test_gguf_conversion_is_cached(engine):
-    from catdog_glm.chat.loading import cache_dir
+    from catdog_glm.chat.model_cache import cache_dir
 
     # one entry per precision converted in this test session (other tests load the model in fp32)
     assert any((cached / "model.safetensors").is_file() for cached in (cache_dir() / "gguf").iterdir())

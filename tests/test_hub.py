@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from catdog_glm import errors
 from catdog_glm.chat.hub import (
     HUGGINGFACE,
     MODELSCOPE,
@@ -162,6 +163,77 @@ def test_local_path_always_wins_and_bad_specs_say_what_they_accept(tmp_path, mon
         resolve_model("no-such-folder")
 
 
+def test_a_registered_hub_takes_ids_with_its_prefix(tmp_path, monkeypatch):
+    """A hub plugs in as the built-in ones do: a Hub subclass, registered; its cached copy needs no network."""
+    from catdog_glm.chat.hub import HUBS, Hub
+
+    class LocalHub(Hub):
+        source, prefix, name = "local", "local", "a local mirror"
+
+        def cached(self, ref, *, trust_remote_code=False):
+            return tmp_path / ref.repo_id
+
+    (tmp_path / "owner" / "model").mkdir(parents=True)
+    monkeypatch.setitem(HUBS, "local", LocalHub())  # register_hub, undone after the test
+    ref = parse_model_ref("local:owner/model@v2")
+    assert ref == ModelRef("local", "owner/model", "v2") and str(ref) == "local:owner/model@v2"
+    assert resolve_model("local:owner/model") == str(tmp_path / "owner" / "model")
+    assert parse_model_ref("owner/model").source == HUGGINGFACE  # a bare id is still the first hub's
+
+
+SAME_KIND = {
+    errors.ModelAccessError: errors.DatasetAccessError,
+    errors.ModelNotFoundError: errors.DatasetNotFoundError,
+    errors.ModelOfflineError: errors.DatasetOfflineError,
+    errors.HubError: errors.DatasetHubError,
+    errors.DiskFullError: errors.DataError,
+}
+
+
+class _Named(Exception):
+    """An exception whose class name (and base names) are a client library's, with an optional HTTP response."""
+
+    def __init__(self, message="boom", status=None):
+        super().__init__(message)
+        self.response = type("Response", (), {"status_code": status})() if status else None
+
+
+def _named(*names, status=None, message="boom"):
+    bases = tuple(type(n, (_Named,), {}) for n in names[1:]) or (_Named,)
+    return type(names[0], bases, {})(message, status)
+
+
+@pytest.mark.parametrize(
+    "error, model_words, dataset_words",
+    [
+        (_named("GatedRepoError"), ["gated model", "HF_TOKEN"], ["gated dataset", "HF_TOKEN"]),
+        (_named("HfHubHTTPError", status=401), ["401", "HF_TOKEN"], ["401", "HF_TOKEN"]),
+        (_named("HfHubHTTPError", status=403), ["403", "request access"], ["403", "request access"]),
+        (_named("RepositoryNotFoundError"), ["(404)", "check the id (owner/name)"], ["(404)", "check the id"]),
+        (_named("LocalEntryNotFoundError", "EntryNotFoundError"), ["cannot be reached"], ["cannot be reached"]),
+        (_named("ChunkedEncodingError"), ["interrupted", "catdog pull o/m"], ["interrupted", "catdog data pull o/m"]),
+        (_named("ReadTimeout", "Timeout"), ["interrupted"], ["interrupted"]),
+        (_named("HTTPError", "URLError", status=503), ["answered 503"], ["answered 503"]),
+        (_named("ConnectError"), ["cannot connect to", "catdog pull o/m"], ["cannot connect to", "data pull o/m"]),
+        (OSError(28, "No space left on device"), ["not enough disk space", "HF_HOME"], ["disk filled up"]),
+        (ValueError("odd"), ["downloading o/m failed: ValueError: odd"], ["downloading o/m failed: ValueError"]),
+    ],
+)
+def test_models_and_datasets_share_one_hub_error_map(error, model_words, dataset_words, tmp_path):
+    """catdog_glm.hub_errors maps a client's exception once; chat and vision only word the message."""
+    from catdog_glm.chat.hub.base import hub_errors
+    from catdog_glm.vision.datahub import SOURCES, parse_data_ref
+    from catdog_glm.vision.datahub.base import hub_error
+
+    with pytest.raises(ModelError) as model_error, hub_errors(parse_model_ref("o/m")):
+        raise error
+    dataset_error = hub_error(parse_data_ref("o/m"), SOURCES["hf"], error, tmp_path)
+    for words, found in ((model_words, model_error.value), (dataset_words, dataset_error)):
+        assert "\n" not in str(found)
+        assert all(w in str(found) for w in words), str(found)
+    assert SAME_KIND[type(model_error.value)] is type(dataset_error)
+
+
 # --- Hugging Face Hub through the CLI ------------------------------------------------------------------------
 
 
@@ -300,26 +372,42 @@ def test_a_copied_cache_entry_loads_offline(hub, tmp_path):
     assert catdog(*args, env=hub_env(tmp_path, HF_HUB_OFFLINE="1"), stdin="hi\n").stdout.strip()
 
 
-def test_user_offline_setting_is_kept_and_ours_does_not_leak_into_later_ids(hub, tmp_path, local_copy):
-    """load_chat_model sets HF_HUB_OFFLINE=1 for its local loads; huggingface_hub reads that variable once, at
-    import. In one fresh process, loading a local folder first must not stop a later id from downloading."""
-    script = (
-        "import os, sys\n"
-        "from catdog_glm.chat.loading import load_chat_model\n"
-        "load_chat_model(sys.argv[1], dtype='fp32')\n"
-        "assert os.environ['HF_HUB_OFFLINE'] == '1'\n"
-        f"m = load_chat_model('{REPO_ID}', dtype='fp32')\n"
-        "print('loaded', m.source)\n"
-    )
+LOCAL_THEN_ID_SCRIPT = """
+import os, sys
+import huggingface_hub.constants
+from catdog_glm.chat.hub import pull_model
+from catdog_glm.chat.loading import load_chat_model
+
+for folder in sys.argv[1:]:
+    print("loaded", load_chat_model(folder, dtype="fp32").kind)
+assert "HF_HUB_OFFLINE" not in os.environ, os.environ["HF_HUB_OFFLINE"]
+assert not huggingface_hub.constants.HF_HUB_OFFLINE
+print("pulled", pull_model("THUDM/chatglm3-6b").path)
+print("then", load_chat_model("THUDM/chatglm3-6b", dtype="fp32").source)
+"""
+
+
+def test_local_loads_never_reach_a_hub_nor_turn_a_later_pull_offline(hub, tmp_path, local_copy):
+    """Loading is offline call by call (local_files_only), never by setting HF_HUB_OFFLINE for the process: in one
+    fresh process, a ChatGLM3 folder and a Hugging Face folder load without a single request to the hub that
+    HF_ENDPOINT names, the variable stays unset, and a later id is still pulled and loaded."""
+    from catdog_glm.chat.export import export_chatglm3
+
+    hf_folder = tmp_path / "chatglm3-tiny-hf"
+    export_chatglm3(local_copy, hf_folder, dtype="fp32")
     done = subprocess.run(
-        [sys.executable, "-c", script, str(local_copy)],
+        [sys.executable, "-c", LOCAL_THEN_ID_SCRIPT, str(local_copy), str(hf_folder)],
         env=hub_env(tmp_path, hub),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "models--THUDM--chatglm3-6b/snapshots/" in done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["loaded chatglm3", "loaded hf"], done.stdout
+    assert "models--THUDM--chatglm3-6b/snapshots/" in lines[2] and lines[3].endswith(lines[2].split()[1])
+    assert hub.requests("GET", "/resolve/")  # the id was downloaded ...
+    assert all(REPO_ID in path for _, path, _ in hub.log), hub.log  # ... and nothing else was asked for
 
 
 def test_export_chat_accepts_an_id(hub, tmp_path):

@@ -1,10 +1,10 @@
 """What every dataset source shares: the id (`DataRef`), what a source hands the builder (`Fetched`), the `Source`
-interface, and the one-line errors for what hubs answer (404, 401/403, offline, a cut, a full disk)."""
+interface, and the one-line errors for what hubs answer (404, 401/403, offline, a cut, a full disk): read from the
+exception by catdog_glm.hub_errors, which chat/hub shares, and worded here for a dataset."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -20,21 +20,10 @@ from catdog_glm.errors import (
     DatasetNotFoundError,
     DatasetOfflineError,
 )
+from catdog_glm.hub_errors import HubErrorTypes, HubTarget
+from catdog_glm.hub_errors import hub_error as shared_hub_error
 
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
-# exception class names (of huggingface_hub, modelscope, requests, httpx, urllib) that mean "cannot connect"
-_OFFLINE = {
-    "ConnectionError",
-    "ConnectError",
-    "ConnectTimeout",
-    "OfflineModeIsEnabled",
-    "LocalEntryNotFoundError",
-    "URLError",
-    "ConnectionRefusedError",
-    "NameResolutionError",
-    "MaxRetryError",
-}
-_CUT = {"ChunkedEncodingError", "ProtocolError", "RemoteProtocolError", "ReadTimeout", "ReadError", "IncompleteRead"}
 
 
 @dataclass(frozen=True)
@@ -127,54 +116,33 @@ def disk_full_message(ref: DataRef, folder: Path) -> str:
     )
 
 
+DATASET_ERRORS = HubErrorTypes(
+    access=DatasetAccessError,
+    not_found=DatasetNotFoundError,
+    offline=DatasetOfflineError,
+    failed=DatasetHubError,
+    disk_full=DataError,
+)
+
+
 def hub_error(ref: DataRef, source: Source, error: BaseException, cache: Path) -> CatdogError:
-    """One line for what a hub client raised, from its exception class names and HTTP status."""
-    if isinstance(error, CatdogError):
-        return error
-    names = {c.__name__ for c in type(error).__mro__}
-    response = getattr(error, "response", None)
-    status = getattr(response, "status_code", None) or getattr(error, "code", None) or getattr(error, "status", None)
-    status = status if isinstance(status, int) else None
-    if status is None and (coded := re.search(r"\[(40[134])\]", str(error))):  # modelscope: "[E3020] [404] ..."
-        status = int(coded[1])
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return DataError(disk_full_message(ref, cache))
-    if "GatedRepoError" in names:
-        return DatasetAccessError(
-            f"{ref} is a gated dataset: accept its conditions at {source.endpoint}/datasets/{ref.name} while logged "
-            f"in, then {source.token_hint}"
-        )
-    if status == 401 or "AuthenticationError" in names:
-        return DatasetAccessError(
-            f"{ref}: {source.hub} answered 401 (not authorized): the dataset is private or gated, the credentials "
-            f"are wrong, or the id is wrong; check the id and {source.token_hint}"
-        )
-    if status == 403 or "PermissionDeniedError" in names:
-        return DatasetAccessError(
-            f"{ref}: {source.hub} answered 403 (forbidden): these credentials cannot read it; request access, or "
-            f"{source.token_hint}"
-        )
-    if "RevisionNotFoundError" in names:
-        return DatasetNotFoundError(
-            f"{ref.name} has no revision {ref.revision!r} on {source.hub} (404): pass an existing branch, tag or commit"
-        )
-    if status == 404 or names & {"RepositoryNotFoundError", "NotExistError", "EntryNotFoundError"}:
-        what = "the URL" if ref.source == "url" else "the id and the revision" if ref.revision else "the id"
-        return DatasetNotFoundError(f"{ref} was not found on {source.hub} at {source.endpoint} (404): check {what}")
-    if names & _CUT or "Consistency check failed" in str(error):
-        return DatasetHubError(
-            f"the download of {ref} was interrupted ({first_line(error)}): run `catdog data pull {ref}` again; "
-            "what was downloaded is kept and the download resumes"
-        )
-    if names & _OFFLINE:
-        return DatasetOfflineError(not_cached_message(ref, source.hub, f"cannot connect to {source.endpoint}", cache))
-    if status is not None and status >= 500:
-        return DatasetHubError(f"{ref}: {source.hub} answered {status}; try again later")
-    return DatasetHubError(f"downloading {ref} failed: {type(error).__name__}: {first_line(error)}")
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    """One line for what a hub client raised (catdog_glm.hub_errors reads it), in a dataset's words."""
+    target = HubTarget(
+        ref=str(ref),
+        name=ref.name,
+        revision=ref.revision,
+        what="dataset",
+        hub=source.hub,
+        endpoint=source.endpoint,
+        page=f"{source.endpoint}/datasets/{ref.name}",
+        token_hint=source.token_hint,
+        pull=f"catdog data pull {ref}",
+        errors=DATASET_ERRORS,
+        not_cached=lambda reason: not_cached_message(ref, source.hub, reason, cache),
+        disk_full=lambda: disk_full_message(ref, cache),
+        id_hint="the URL" if ref.source == "url" else "the id",
+    )
+    return shared_hub_error(target, error)
 
 
 @contextlib.contextmanager

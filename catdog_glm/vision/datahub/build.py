@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from catdog_glm.errors import DataError, ImageError
+from catdog_glm.hub_errors import first_line
 from catdog_glm.vision.data import SPLITS, read_labelled, split_stratified
-from catdog_glm.vision.datahub.base import Fetched, PullProgress, first_line
+from catdog_glm.vision.datahub.base import Fetched, PullProgress
 from catdog_glm.vision.images import is_image_file, open_image
 
 log = logging.getLogger(__name__)
