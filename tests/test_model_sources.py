@@ -43,7 +43,9 @@ class EchoSource(ModelSource):
         model = torch.nn.Linear(4, 4)
         model.config = SimpleNamespace(max_position_embeddings=64)
         tokenizer = SimpleNamespace(echo=True, stop_ids=[2], encode=lambda text: [1])
-        return LoadedModel(model, tokenizer, self.kind, path.stem, str(path), "chatglm3", info={"echo": True})
+        return LoadedModel(
+            model, tokenizer, self.kind, path.stem, str(path), {2}, 64, tokenizer.encode, info={"echo": True}
+        )
 
 
 def test_a_registered_source_loads_through_the_real_seam(tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ from catdog_glm.chat.formats.chatglm3 import (
     parse_chatglm3_call,
 )
 from catdog_glm.chat.formats.hermes import HermesParser, hermes_call_text
-from catdog_glm.chat.loading import _chatglm3_adapter, _hf_adapter, load_chat_model
+from catdog_glm.chat.loading import chat_model_of, load_chat_model
+from catdog_glm.chat.sources import chatglm3_loaded, transformers_loaded
 from catdog_glm.chat.streaming import IncrementalDetokenizer
 from catdog_glm.chat.tools import ContentDelta, ToolCallDelta, ToolCallParser, validate_tools
 from catdog_glm.errors import ConfigError
@@ -284,7 +285,7 @@ def glm(tmp_path_factory):
     folder = make_tiny_chatglm3(tmp_path_factory.mktemp("chatglm3-tools"), "safetensors", shards=1)
     tokenizer = ChatGLM3Tokenizer(folder / "tokenizer.model")
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))
-    return tokenizer, _chatglm3_adapter(model, tokenizer, str(folder))
+    return tokenizer, chat_model_of(chatglm3_loaded(model, tokenizer, folder))
 
 
 def test_chatglm3_tool_conversation_prompt(glm):
@@ -408,7 +409,7 @@ def _with_template(smol, template: str):
         generation_config=SimpleNamespace(eos_token_id=tokenizer.eos_token_id),
         config=SimpleNamespace(max_position_embeddings=2048),
     )
-    return _hf_adapter(tokenizer, model, "t", "t", "hf")
+    return chat_model_of(transformers_loaded(model, tokenizer, "hf", "t", "t"))
 
 
 def test_template_without_tools_or_chatml_has_no_tool_format(smol):

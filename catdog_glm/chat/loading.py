@@ -14,7 +14,7 @@ from typing import Any
 
 from catdog_glm.chat.formats import ChatFormat, format_for
 from catdog_glm.chat.sources import LoadedModel, LoadOptions, find_source, quantization_label
-from catdog_glm.errors import ConfigError, ModelError
+from catdog_glm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -65,44 +65,6 @@ def resolve_dtype(name: str, device):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def _hf_adapter(tokenizer, model, name: str, source: str, kind: str) -> ChatModel:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelError(
-            f"{source} has no chat template (tokenizer_config.json `chat_template`); catdog chats "
-            "only with instruction-tuned models that define one"
-        )
-    eos = model.generation_config.eos_token_id
-    stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        stop.add(tokenizer.eos_token_id)
-    window = getattr(model.config, "max_position_embeddings", None) or 2048
-    return ChatModel(
-        name=name,
-        source=source,
-        kind=kind,
-        model=model,
-        format=format_for(tokenizer),
-        stop_ids=stop,
-        context_window=int(window),
-        tokenizer=tokenizer,
-        encode_text=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
-    )
-
-
-def _chatglm3_adapter(model, tokenizer, source: str) -> ChatModel:
-    return ChatModel(
-        name=Path(source).name,
-        source=source,
-        kind="chatglm3",
-        model=model,
-        format=format_for(tokenizer),
-        stop_ids=set(tokenizer.stop_ids),
-        context_window=int(model.config.max_position_embeddings),
-        tokenizer=tokenizer,
-        encode_text=tokenizer.encode,
-    )
 
 
 def load_chat_model(spec: str | None = None, **options) -> ChatModel:
@@ -163,7 +125,7 @@ def _load_chat_model(
         raise ConfigError(f"--quantize must be 4 or 8, got {quantize}")
     path = None if spec is None else Path(spec).expanduser()
     options = LoadOptions(torch_dtype, dev, quantize, trust_remote_code, use_cache, on_progress, display_name)
-    chat = _wrap(find_source(path).load(path, options))
+    chat = chat_model_of(find_source(path).load(path, options))
 
     if display_name:
         chat.name = display_name
@@ -180,18 +142,19 @@ def _load_chat_model(
     return chat
 
 
-# By a source's `adapter`: how stop ids and the context window are read (the format comes from the tokenizer).
-_ADAPTERS: dict[str, Callable[[LoadedModel], ChatModel]] = {
-    "chatglm3": lambda m: _chatglm3_adapter(m.model, m.tokenizer, m.source),
-    "hf": lambda m: _hf_adapter(m.tokenizer, m.model, m.name, m.source, m.kind),
-}
-
-
-def _wrap(loaded: LoadedModel) -> ChatModel:
-    """The engine's view of what a source loaded."""
-    chat = _ADAPTERS[loaded.adapter](loaded)
-    chat.kind = loaded.kind  # a plug-in source's own kind, even in ChatGLM3's format
-    chat.quantization = loaded.quantization
-    chat.info.update(loaded.info)
-    chat.sampling_defaults = loaded.sampling_defaults
-    return chat
+def chat_model_of(loaded: LoadedModel) -> ChatModel:
+    """The engine's view of what a source loaded: its format picked from the tokenizer (chat/formats)."""
+    return ChatModel(
+        name=loaded.name,
+        source=loaded.source,
+        kind=loaded.kind,
+        model=loaded.model,
+        format=format_for(loaded.tokenizer),
+        stop_ids=set(loaded.stop_ids),
+        context_window=loaded.context_window,
+        quantization=loaded.quantization,
+        info=dict(loaded.info),
+        tokenizer=loaded.tokenizer,
+        encode_text=loaded.encode_text,
+        sampling_defaults=dict(loaded.sampling_defaults),
+    )

@@ -50,12 +50,54 @@ class LoadedModel:
     kind: str  # chatglm3 | hf | gguf | embedded
     name: str
     source: str  # the file or folder it came from
-    # which loading adapter reads its stop ids and context window: "chatglm3" (catdog's own tokenizer and config) or
-    # "hf" (a transformers tokenizer and model); the prompt format comes from the tokenizer (chat/formats)
-    adapter: str
+    stop_ids: set[int]  # the tokens that end a reply
+    context_window: int
+    encode_text: Callable[[str], list[int]]  # plain text -> ids, no chat template (/v1/completions)
+    # (the prompt format is not a source's business: chat/formats picks it from the tokenizer)
     quantization: str = "none"  # set when the source quantized while loading
     info: dict = field(default_factory=dict)
     sampling_defaults: dict = field(default_factory=dict)
+
+
+def transformers_loaded(model, tokenizer, kind: str, name: str, source: str, **extra) -> LoadedModel:
+    """A transformers tokenizer and model: stop ids from the generation config and the tokenizer, the window from
+    the config. A model without a chat template is refused: catdog chats only with instruction-tuned models."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"{source} has no chat template (tokenizer_config.json `chat_template`); catdog chats "
+            "only with instruction-tuned models that define one"
+        )
+    eos = model.generation_config.eos_token_id
+    stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        stop.add(tokenizer.eos_token_id)
+    window = getattr(model.config, "max_position_embeddings", None) or 2048
+    return LoadedModel(
+        model,
+        tokenizer,
+        kind,
+        name,
+        source,
+        stop_ids=stop,
+        context_window=int(window),
+        encode_text=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
+        **extra,
+    )
+
+
+def chatglm3_loaded(model, tokenizer, path: Path, **extra) -> LoadedModel:
+    """catdog's ChatGLM3 tokenizer (its stop ids) and the GLM model (its window)."""
+    return LoadedModel(
+        model,
+        tokenizer,
+        ChatGLM3Source.kind,
+        path.name,
+        str(path),
+        stop_ids=set(tokenizer.stop_ids),
+        context_window=int(model.config.max_position_embeddings),
+        encode_text=tokenizer.encode,
+        **extra,
+    )
 
 
 class ModelSource:
@@ -81,8 +123,8 @@ class EmbeddedSource(ModelSource):
     def load(self, path: Path | None, options: LoadOptions) -> LoadedModel:
         file = embedded_model_file()
         tokenizer, model = _load_gguf(file, options.torch_dtype)
-        return LoadedModel(
-            model, tokenizer, self.kind, file.stem, str(file), "hf", sampling_defaults=dict(SMOLLM2_DEFAULTS)
+        return transformers_loaded(
+            model, tokenizer, self.kind, file.stem, str(file), sampling_defaults=dict(SMOLLM2_DEFAULTS)
         )
 
 
@@ -94,8 +136,8 @@ class GGUFSource(ModelSource):
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
         tokenizer, model = _load_gguf(path, options.torch_dtype)
-        return LoadedModel(
-            model, tokenizer, self.kind, path.stem, str(path), "hf", sampling_defaults=generation_config_defaults(path)
+        return transformers_loaded(
+            model, tokenizer, self.kind, path.stem, str(path), sampling_defaults=generation_config_defaults(path)
         )
 
 
@@ -123,13 +165,10 @@ class ChatGLM3Source(ModelSource):
             options.name or path.name,
             dev,
         )
-        return LoadedModel(
+        return chatglm3_loaded(
             model,
             tokenizer,
-            self.kind,
-            path.name,
-            str(path),
-            "chatglm3",
+            path,
             quantization=quantization_label(dev, quantize_now) if quantize_now else "none",
             info={"conversion_cache": str(cached) if cached else None},
             sampling_defaults=generation_config_defaults(path),
@@ -158,13 +197,12 @@ class HuggingFaceFolderSource(ModelSource):
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=options.torch_dtype, **local, **gpu_quantized)
         except (OSError, ValueError) as e:
             raise ModelError(f"{path} could not be loaded as a Hugging Face causal LM: {str(e).splitlines()[0]}") from e
-        return LoadedModel(
+        return transformers_loaded(
             model,
             tokenizer,
             self.kind,
             path.name,
             str(path),
-            "hf",
             quantization=quantization_label(dev, bits) if gpu_quantized else "none",
             sampling_defaults=generation_config_defaults(path),
         )
