@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from catdog_glm.chat import sources
-from catdog_glm.chat.formats import ChatFormat, base, registered
+from catdog_glm.chat.formats import ChatFormat, base, register
 from catdog_glm.chat.loading import load_chat_model
 from catdog_glm.chat.sources import LoadedModel, ModelSource, register_model_source
 from catdog_glm.errors import ModelError
@@ -42,7 +42,8 @@ class EchoSource(ModelSource):
 
         model = torch.nn.Linear(4, 4)
         model.config = SimpleNamespace(max_position_embeddings=64)
-        tokenizer = SimpleNamespace(echo=True, stop_ids=[2], encode=lambda text: [1])
+        # a ChatML-looking template, which the built-in Hermes format would take: the plug-in is asked first
+        tokenizer = SimpleNamespace(echo=True, chat_template="{{ '<|im_start|>' }}", stop_ids=[2], encode=lambda t: [1])
         return LoadedModel(
             model, tokenizer, self.kind, path.stem, str(path), {2}, 64, tokenizer.encode, info={"echo": True}
         )
@@ -50,7 +51,8 @@ class EchoSource(ModelSource):
 
 def test_a_registered_source_loads_through_the_real_seam(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "MODEL_SOURCES", list(sources.MODEL_SOURCES))  # both undone after the test
-    monkeypatch.setattr(base, "_REGISTRY", [*registered(), EchoFormat])
+    monkeypatch.setattr(base, "_REGISTRY", list(base._REGISTRY))
+    register(EchoFormat)
     register_model_source(EchoSource())
     assert [s.kind for s in sources.MODEL_SOURCES] == ["echo", "embedded", "gguf", "chatglm3", "hf"]
     path = tmp_path / "tiny.echo"

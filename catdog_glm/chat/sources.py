@@ -213,8 +213,13 @@ MODEL_SOURCES: list[ModelSource] = [EmbeddedSource(), GGUFSource(), ChatGLM3Sour
 
 
 def register_model_source(source: ModelSource) -> None:
-    """Add a source (or replace the one of its `kind`); a new one is tried before the built-in ones."""
-    MODEL_SOURCES[:] = [source, *(s for s in MODEL_SOURCES if s.kind != source.kind)]
+    """Add a source, tried before the built-in ones; one of a `kind` already there replaces it in its place (a
+    ChatGLM3 folder also has a config.json: the HF folder's source stays after ChatGLM3's)."""
+    kinds = [s.kind for s in MODEL_SOURCES]
+    if source.kind in kinds:
+        MODEL_SOURCES[kinds.index(source.kind)] = source
+    else:
+        MODEL_SOURCES.insert(0, source)
 
 
 def find_source(path: Path | None) -> ModelSource:
@@ -228,6 +233,8 @@ def find_source(path: Path | None) -> ModelSource:
     for source in MODEL_SOURCES:
         if source.matches(path):
             return source
+    if path is None:
+        raise ModelError("no model source loads the embedded default; pass --model PATH")
     if path.is_file():
         raise ModelError(f"{path} is a file but not a .gguf; pass a model folder or a GGUF file")
     raise ModelError(f"{path} is not a model folder: it has no config.json")

@@ -8,15 +8,12 @@ live in chat/formats/ (ChatGLM3's protocol, Hermes' <tool_call> blocks).
 from __future__ import annotations
 
 import json
-import logging
 import re
 import secrets
 from dataclasses import dataclass
 
 from catdog_glm.chat.constrained import check_schema_depth
 from catdog_glm.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 NO_TOOL_FORMAT = "this model has no tool-calling format (its chat template neither renders tools nor is ChatML)"

@@ -125,6 +125,9 @@ def serve_chat(
                 on_ready=console.print,
             )
         )
+    from catdog_glm.device import steady_memory
+
+    steady_memory()  # a server runs for days: before the model's first matmul
     tool = None
     if classifier:  # before the chat model: a wrong path fails in a second, not after minutes of loading
         from catdog_glm.serve.vision_tool import ClassifierTool, attach_classifier

@@ -15,21 +15,27 @@ from catdog_glm.chat.tools import NO_TOOL_FORMAT, ToolCallParser, chosen_tools, 
 from catdog_glm.errors import ConfigError
 
 _REGISTRY: list[type[ChatFormat]] = []
+_FALLBACK: list[type[ChatFormat]] = []  # asked after every family: the model's plain chat template
 
 
 def register(cls: type[ChatFormat]) -> type[ChatFormat]:
-    """Class decorator: `cls.matches(tokenizer)` is asked in registration order (the most specific first)."""
-    _REGISTRY.append(cls)
+    """Class decorator: a family registered later is asked first (a plug-in before the built-in families)."""
+    _REGISTRY.insert(0, cls)
+    return cls
+
+
+def register_fallback(cls: type[ChatFormat]) -> type[ChatFormat]:
+    _FALLBACK.append(cls)
     return cls
 
 
 def registered() -> list[type[ChatFormat]]:
-    return list(_REGISTRY)
+    return [*_REGISTRY, *_FALLBACK]
 
 
 def format_for(tokenizer) -> ChatFormat:
-    """The format of the first registered family whose `matches(tokenizer)` holds."""
-    for cls in _REGISTRY:
+    """The format of the first family whose `matches(tokenizer)` holds, else the fallback's."""
+    for cls in registered():
         if cls.matches(tokenizer):
             return cls.for_tokenizer(tokenizer)
     raise ConfigError(f"no chat format fits {type(tokenizer).__name__}")

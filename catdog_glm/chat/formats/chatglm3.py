@@ -155,7 +155,6 @@ class ChatGLM3Parser(ToolCallParser):
     metadata_line = True
     keeps_trailing_space = False
 
-    # -- ChatGLM3 --------------------------------------------------------------------------------------------------
     def _step(self, final: bool) -> list[Delta] | None:
         buf = self._buf
         if self._state == "end":
@@ -211,8 +210,6 @@ class ChatGLM3Parser(ToolCallParser):
             self._lstrip = False
             return self._content(f"{self._meta}\n{body}")
         return self._start_call(self._meta) + self._arguments(json_text(arguments))
-
-    # -- Hermes ----------------------------------------------------------------------------------------------------
 
 
 # ---- forcing a call ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from catdog_glm.chat.tools import (
     ToolCallParser,
     call_arguments,
     function_parameters,
+    has_tool_turns,
     json_text,
     partial_suffix,
     text_of,
@@ -227,6 +228,11 @@ def _default_system(tokenizer) -> str:
     return found.group(1) if found else ""
 
 
+def _renders_tool_calls(tokenizer) -> bool:
+    """A template that renders `tools` itself and speaks <tool_call> (Qwen2.5)."""
+    return "<tool_call>" in template_text(tokenizer) and _template_renders_tools(tokenizer)
+
+
 @register
 class HermesFormat(TemplateFormat):
     """The model's own template plus Hermes tool calls: `native` when the template renders tools itself, else the
@@ -243,19 +249,17 @@ class HermesFormat(TemplateFormat):
 
     @classmethod
     def matches(cls, tokenizer) -> bool:
-        template = template_text(tokenizer)
-        return "<tool_call>" in template or "<|im_start|>" in template
+        return _renders_tool_calls(tokenizer) or "<|im_start|>" in template_text(tokenizer)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> TemplateFormat:
-        template = template_text(tokenizer)
-        if "<tool_call>" in template and _template_renders_tools(tokenizer):
+    def for_tokenizer(cls, tokenizer) -> HermesFormat:
+        if _renders_tool_calls(tokenizer):
             return cls(tokenizer, native=True)
-        if "<|im_start|>" in template:
-            return cls(tokenizer, native=False, default_system=_default_system(tokenizer))
-        return TemplateFormat(tokenizer)  # speaks <tool_call> but its template cannot be given tools
+        return cls(tokenizer, native=False, default_system=_default_system(tokenizer))
 
     def template_messages(self, messages: list[dict], tools: list | None) -> tuple[list[dict], dict]:
+        if not tools and not has_tool_turns(messages):
+            return super().template_messages(messages, tools)  # a plain chat: the messages as they came
         if self.native:
             return native_messages(messages), ({"tools": tools} if tools else {})
         return hermes_messages(messages, tools, self.default_system), {}

@@ -72,6 +72,10 @@ class Source:
     def parse(self, text: str) -> DataRef | None:
         raise NotImplementedError
 
+    def page(self, ref: DataRef) -> str | None:
+        """Where a person reads about the dataset (and requests access to it)."""
+        return f"{self.endpoint}/datasets/{ref.name}"
+
     def fetch(self, ref: DataRef, raw: Path, progress: PullProgress, *, sha256: str | None, cache: Path) -> Fetched:
         """Download what `ref` needs into `raw` (or arrange to, shard by shard); `cache` is the folder the finished
         dataset will have, named in the offline message."""
@@ -134,7 +138,7 @@ def hub_error(ref: DataRef, source: Source, error: BaseException, cache: Path) -
         what="dataset",
         hub=source.hub,
         endpoint=source.endpoint,
-        page=f"{source.endpoint}/datasets/{ref.name}",
+        page=source.page(ref),
         token_hint=source.token_hint,
         pull=f"catdog data pull {ref}",
         errors=DATASET_ERRORS,

@@ -60,8 +60,10 @@ class KaggleSource(Source):
         else:
             files.mkdir(parents=True)
             _link_or_copy(local, files / local.name)
-        page = f"{self.endpoint}/{'competitions/' if competition else 'datasets/'}{ref.name}"
-        return Fetched(page=page, folder=files, license=None)
+        return Fetched(page=self.page(ref), folder=files, license=None)
+
+    def page(self, ref: DataRef) -> str:
+        return f"{self.endpoint}/{'datasets/' if '/' in ref.name else 'competitions/'}{ref.name}"
 
 
 def _cached(ref: DataRef) -> bool:

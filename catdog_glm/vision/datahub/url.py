@@ -31,6 +31,9 @@ class ArchiveSource(Source):
             return None
         return DataRef(self.key, text.strip())
 
+    def page(self, ref: DataRef) -> str:
+        return ref.name  # the archive's own address
+
     def fetch(self, ref: DataRef, raw: Path, progress: PullProgress, *, sha256: str | None, cache: Path) -> Fetched:
         self.endpoint = "{0.scheme}://{0.netloc}".format(urlsplit(ref.name))
         name = PurePosixPath(urlsplit(ref.name).path).name or "download"
